@@ -1,0 +1,1 @@
+"""comm layer of distlion_ds (see DESIGN section 2)."""

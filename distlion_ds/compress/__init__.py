@@ -1,0 +1,1 @@
+"""compress layer of distlion_ds (see DESIGN section 2)."""

@@ -1,0 +1,1 @@
+"""deepspeed layer of distlion_ds (see DESIGN section 2)."""

@@ -1,0 +1,1 @@
+"""megatron layer of distlion_ds (see DESIGN section 2)."""

@@ -1,0 +1,1 @@
+"""optim layer of distlion_ds (see DESIGN section 2)."""
