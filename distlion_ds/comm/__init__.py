@@ -1,1 +1,5 @@
-"""comm layer of distlion_ds (see DESIGN section 2)."""
+"""Communication layer: the only package code (besides the DeepSpeed/Megatron seams) that uses torch.distributed."""
+
+from .vote_exchange import VoteExchange, replica_checksum
+
+__all__ = ["VoteExchange", "replica_checksum"]

@@ -1,1 +1,6 @@
-"""optim layer of distlion_ds (see DESIGN section 2)."""
+"""Optimizers: the D-Lion reference update (the oracle) and the DistributedLion class."""
+
+from .distributed_lion import DistributedLion
+from .lion import dlion_update_ref, lion_update_ref
+
+__all__ = ["DistributedLion", "dlion_update_ref", "lion_update_ref"]

@@ -1,0 +1,130 @@
+"""1-bit sign packing: the vote encoding of D-Lion (DESIGN 3.1 step 2, layout of 3.3).
+
+Bit ``i`` (LSB first) of byte ``k`` is the vote of element ``8k + i``: 1 means +1, 0 means -1; the padding bits of
+the last byte are 0. One bit cannot say 0, so an exact zero votes by the zero rule: +1 when ``(j + step)`` is even,
+else -1 (``j`` = flat index). A value that is never nonzero therefore alternates its vote and never drifts, where a
+fixed tie-to--1 rule would push it down by lr every step. NaN compares neither > 0 nor < 0 and follows the same
+rule; the optimizer never votes on NaN because a non-finite gradient skips the whole step (DESIGN 3.1 step 7).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import check_contiguous, check_float, use_triton
+
+# 1024 bytes = 8192 elements per program: a 32 KiB fp32 read per program keeps a GPU SM's loads coalesced,
+# and in the CPU interpreter (~2-3 ms per program instance) a 64K-element test is only 8 programs.
+_BLOCK_BYTES = 1024
+
+
+@triton.jit
+def _vote_bits(c, idx, step):
+    """+1 (True) where c > 0; the zero rule where c is 0 or NaN. Shared by every kernel that votes."""
+    tie = (c == 0) | (c != c)
+    return (c > 0) | (tie & (((idx + step) & 1) == 0))
+
+
+@triton.jit
+def _pack_bits(bits, bit_pos):
+    """[B, 8] booleans -> [B] uint8, bit i of a byte from column i."""
+    return tl.sum(bits.to(tl.int32) << bit_pos[None, :], axis=1).to(tl.uint8)
+
+
+@triton.jit
+def _pack_signs_kernel(x_ptr, out_ptr, n, n_bytes, step, BLOCK_BYTES: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    bit_pos = tl.arange(0, 8)
+    idx = byte[:, None] * 8 + bit_pos[None, :]
+    mask = idx < n
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    bits = _vote_bits(x, idx, step) & mask
+    tl.store(out_ptr + byte, _pack_bits(bits, bit_pos), mask=byte < n_bytes)
+
+
+@triton.jit
+def _unpack_signs_kernel(packed_ptr, out_ptr, n, BLOCK_BYTES: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    bit_pos = tl.arange(0, 8)
+    idx = byte[:, None] * 8 + bit_pos[None, :]
+    mask = idx < n
+    b = tl.load(packed_ptr + byte, mask=byte * 8 < n, other=0).to(tl.int32)
+    bits = (b[:, None] >> bit_pos[None, :]) & 1
+    tl.store(out_ptr + idx, (2 * bits - 1).to(tl.int8), mask=mask)
+
+
+def vote_bits_ref(c: torch.Tensor, step: int, offset: int = 0) -> torch.Tensor:
+    """Boolean votes (True = +1) of a flat fp32 tensor whose first element has flat index ``offset``."""
+    idx = torch.arange(offset, offset + c.numel(), device=c.device)
+    tie = (c == 0) | torch.isnan(c)
+    return (c > 0) | (tie & ((idx + step) % 2 == 0))
+
+
+def pack_bits_ref(bits: torch.Tensor) -> torch.Tensor:
+    """Flat booleans -> uint8[ceil(n/8)], LSB first, padding bits 0."""
+    n = bits.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=bits.device)
+    padded[:n] = bits.to(torch.uint8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=bits.device)
+    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits_ref(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """uint8 bytes -> the first ``numel`` bits as uint8 0/1."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel]
+
+
+def pack_signs_ref(x: torch.Tensor, step: int = 1) -> torch.Tensor:
+    """Torch reference of :func:`pack_signs`."""
+    return pack_bits_ref(vote_bits_ref(x.reshape(-1).float(), step))
+
+
+def unpack_signs_ref(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Torch reference of :func:`unpack_signs`."""
+    return unpack_bits_ref(packed, numel).to(torch.int8) * 2 - 1
+
+
+def _check_packed(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed has dtype {packed.dtype}; expected torch.uint8")
+    if numel < 0 or packed.numel() * 8 < numel:
+        raise ValueError(f"numel={numel} needs {-(-numel // 8)} packed bytes; got {packed.numel()}")
+    return check_contiguous("packed", packed.reshape(-1))
+
+
+def pack_signs(x: torch.Tensor, step: int = 1) -> torch.Tensor:
+    """Pack the sign votes of ``x`` (flattened, row-major) into bits.
+
+    Args:
+        x: float32/bfloat16/float16 tensor of any shape; non-contiguous input is copied.
+        step: optimizer step ``t`` (from 1), used only by the zero rule.
+    Returns:
+        uint8 tensor of ``ceil(x.numel() / 8)`` bytes on ``x``'s device.
+    """
+    check_float("x", x)
+    if not use_triton(x):
+        return pack_signs_ref(x, step)
+    x = check_contiguous("x", x).reshape(-1)
+    n = x.numel()
+    out = torch.empty(-(-n // 8), dtype=torch.uint8, device=x.device)
+    if n:
+        grid = (triton.cdiv(out.numel(), _BLOCK_BYTES),)
+        _pack_signs_kernel[grid](x, out, n, out.numel(), step, BLOCK_BYTES=_BLOCK_BYTES)
+    return out
+
+
+def unpack_signs(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_signs`: int8 tensor of ``numel`` votes, each +1 or -1."""
+    packed = _check_packed(packed, numel)
+    if not use_triton(packed):
+        return unpack_signs_ref(packed, numel)
+    out = torch.empty(numel, dtype=torch.int8, device=packed.device)
+    if numel:
+        grid = (triton.cdiv(-(-numel // 8), _BLOCK_BYTES),)
+        _unpack_signs_kernel[grid](packed, out, numel, BLOCK_BYTES=_BLOCK_BYTES)
+    return out

@@ -1,0 +1,195 @@
+"""Sign packing and the fused D-Lion kernels: Triton (interpreted on CPU) == torch reference, bit for bit."""
+
+import math
+
+import pytest
+import torch
+
+from distlion_ds.kernels import _dispatch
+from distlion_ds.kernels.lion import (
+    aggregate_bits,
+    lion_apply,
+    lion_apply_ref,
+    lion_votes,
+    lion_votes_ref,
+    vote_count,
+    vote_count_ref,
+)
+from distlion_ds.kernels.signs import pack_signs, pack_signs_ref, unpack_signs, unpack_signs_ref
+from distlion_ds.optim.lion import dlion_update_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [0, 1, 7, 8, 9, 1000, 8191, 8193, 20001]
+
+
+def test_suite_runs_the_triton_kernels():
+    # Without the interpreter every comparison below would compare the reference with itself.
+    assert _dispatch.INTERPRET
+
+
+def _with_zeros(n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g).to(dtype)
+    x[torch.rand(n, generator=g) < 0.2] = 0.0
+    return x
+
+
+def _votes_by_loop(x, step):
+    out = []
+    for j, v in enumerate(x.float().tolist()):
+        out.append(1 if v > 0 else -1 if v < 0 else (1 if (j + step) % 2 == 0 else -1))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_pack_signs_matches_reference_and_layout(n, dtype):
+    x = _with_zeros(n, dtype, seed=n)
+    for step in (1, 2):
+        packed = pack_signs(x, step=step)
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 8)
+        torch.testing.assert_close(packed, pack_signs_ref(x, step), atol=0, rtol=0)
+        # Layout from first principles: bit i (LSB first) of byte k is element 8k+i; padding bits are 0.
+        expected = _votes_by_loop(x, step)
+        bits = [(int(packed[k // 8]) >> (k % 8)) & 1 for k in range(len(packed) * 8)]
+        assert bits[:n] == [1 if v > 0 else 0 for v in expected]
+        assert not any(bits[n:])
+        votes = unpack_signs(packed, n)
+        torch.testing.assert_close(votes, unpack_signs_ref(packed, n), atol=0, rtol=0)
+        assert votes.dtype == torch.int8 and votes.tolist() == expected
+
+
+def test_zero_rule_alternates_and_never_drifts():
+    z = torch.zeros(9)
+    v1, v2 = unpack_signs(pack_signs(z, step=1), 9), unpack_signs(pack_signs(z, step=2), 9)
+    assert v1.tolist() == [-1, 1, -1, 1, -1, 1, -1, 1, -1]
+    assert (v1 + v2).abs().sum() == 0
+
+
+def test_pack_signs_nan_inf_and_noncontiguous():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1.0, -1.0])
+    # NaN votes like an exact zero (zero rule), +-inf by sign; nothing else is affected.
+    assert unpack_signs(pack_signs(x, step=1), 6).tolist() == [-1, 1, -1, 1, 1, -1]
+    m = torch.randn(64, 48)[:, ::3]
+    assert not m.is_contiguous()
+    torch.testing.assert_close(pack_signs(m, 3), pack_signs_ref(m.contiguous(), 3), atol=0, rtol=0)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="dtype"):
+        pack_signs(torch.ones(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="numel"):
+        unpack_signs(torch.zeros(1, dtype=torch.uint8), 9)
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate_bits("median", 4)
+
+
+def test_dispatch_uses_reference_without_interpreter(monkeypatch):
+    monkeypatch.setattr(_dispatch, "INTERPRET", False)
+    x = _with_zeros(100, torch.float32)
+    assert not _dispatch.use_triton(x)
+    torch.testing.assert_close(pack_signs(x, 1), pack_signs_ref(x, 1), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 13, 8192, 9001])
+def test_lion_votes_matches_reference(n, dtype):
+    g = _with_zeros(n, dtype, seed=1)
+    m = _with_zeros(n, torch.float32, seed=2)
+    m[g == 0] = 0.0  # exact zeros of c exercise the zero rule
+    for grad in (g, None):
+        f_k, f_r = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+        out_k, _ = lion_votes(grad, m, 0.9, 5, nonfinite=f_k)
+        out_r, _ = lion_votes_ref(grad, m, 0.9, 5, nonfinite=f_r)
+        torch.testing.assert_close(out_k, out_r, atol=0, rtol=0)
+        assert int(f_k) == int(f_r) == 0
+    bad = g.clone()
+    bad[n // 2] = float("nan")
+    f_k, f_r = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    lion_votes(bad, m, 0.9, 5, nonfinite=f_k)
+    lion_votes_ref(bad, m, 0.9, 5, nonfinite=f_r)
+    assert int(f_k) == int(f_r) == 1
+    # m is only read by the vote pass (the skip rule needs it untouched until the apply).
+    m0 = m.clone()
+    lion_votes(g, m, 0.9, 5)
+    torch.testing.assert_close(m, m0, atol=0, rtol=0)
+
+
+def test_lion_votes_into_bucket_slice_and_inf_flag():
+    bucket = torch.zeros(10, dtype=torch.uint8)
+    g, m = torch.randn(30), torch.zeros(30)
+    g[3] = float("inf")
+    flag = torch.zeros(1, dtype=torch.int32)
+    lion_votes(g, m, 0.5, 1, out=bucket[2:6], nonfinite=flag)
+    assert int(flag) == 1
+    torch.testing.assert_close(bucket[2:6], lion_votes_ref(g, m, 0.5, 1)[0], atol=0, rtol=0)
+    assert bucket[:2].tolist() == [0, 0] and bucket[6:].tolist() == [0] * 4
+
+
+@pytest.mark.parametrize("aggregation", ["mavo", "avg"])
+@pytest.mark.parametrize("n_ranks", [1, 2, 3, 4, 5, 8])
+def test_vote_count_matches_reference_and_sum_of_votes(n_ranks, aggregation):
+    n_bytes = 1500
+    gen = torch.Generator().manual_seed(n_ranks)
+    recv_full = torch.randint(0, 256, (n_ranks, n_bytes + 3), dtype=torch.uint8, generator=gen)
+    recv = recv_full[:, 1: n_bytes + 1]  # strided rows, as the exchange hands them over
+    for offset in (0, 8 * 1500, 3):
+        out_k = vote_count(recv, n_ranks, aggregation, step=4, elem_offset=offset)
+        out_r = vote_count_ref(recv, n_ranks, aggregation, step=4, elem_offset=offset)
+        torch.testing.assert_close(out_k, out_r, atol=0, rtol=0)
+    # Independent oracle: integer sum of +-1 votes.
+    votes = torch.stack([unpack_signs_ref(recv[r].contiguous(), n_bytes * 8) for r in range(n_ranks)]).int()
+    s = votes.sum(0)
+    nbits = aggregate_bits(aggregation, n_ranks)
+    assert out_k.shape == (nbits, n_bytes)
+    if aggregation == "mavo":
+        j = torch.arange(3, 3 + s.numel())
+        want = torch.where(s == 0, torch.where((j + 4) % 2 == 0, 1, -1), s.sign())
+        assert unpack_signs_ref(out_k[0], s.numel()).int().tolist() == want.tolist()
+    else:
+        q = sum(unpack_signs_ref(out_k[k], s.numel()).add(1).div(2).int() << k for k in range(nbits))
+        assert (2 * q - n_ranks).tolist() == s.tolist()
+
+
+@pytest.mark.parametrize("aggregation", ["mavo", "avg"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lion_apply_matches_reference(dtype, aggregation):
+    n, n_ranks = 9003, 3
+    nbits = aggregate_bits(aggregation, n_ranks)
+    gen = torch.Generator().manual_seed(7)
+    agg_full = torch.randint(0, 256, (nbits, 1200), dtype=torch.uint8, generator=gen)
+    agg = agg_full[:, 10: 10 + math.ceil(n / 8)]
+    for grad in (torch.randn(n, generator=gen).to(dtype), None):
+        p0 = torch.randn(n, generator=gen).to(dtype)
+        m0 = torch.randn(n, generator=gen)
+        pk, mk, pr, mr = p0.clone(), m0.clone(), p0.clone(), m0.clone()
+        lion_apply(pk, mk, grad, agg, n_ranks, 0.01, 0.1, 0.99, aggregation)
+        lion_apply_ref(pr, mr, grad, agg, n_ranks, 0.01, 0.1, 0.99, aggregation)
+        torch.testing.assert_close(pk, pr, atol=0, rtol=0)
+        torch.testing.assert_close(mk, mr, atol=0, rtol=0)
+        assert not torch.equal(pk, p0)
+
+
+@pytest.mark.parametrize("aggregation", ["mavo", "avg"])
+@pytest.mark.parametrize("n_ranks", [1, 2, 3, 4])
+def test_kernel_pipeline_equals_dlion_reference(n_ranks, aggregation):
+    """Votes of N simulated ranks -> count -> apply == the sum-of-votes reference update (DESIGN 3.1)."""
+    n, step, lr, betas, wd = 1003, 6, 0.003, (0.9, 0.99), 0.01
+    gen = torch.Generator().manual_seed(11 * n_ranks)
+    p = torch.randn(n, generator=gen)
+    grads = [_with_zeros(n, torch.float32, seed=r) for r in range(n_ranks)]
+    grads[0] = None  # a rank without a gradient votes on zeros
+    moms = [torch.where(torch.rand(n, generator=gen) < 0.3, 0.0, torch.randn(n, generator=gen))
+            for _ in range(n_ranks)]
+    if n_ranks > 1:
+        moms[1] = torch.zeros(n)
+    want_p, want_m = dlion_update_ref(p, grads, moms, lr, betas, wd, step, aggregation)
+
+    n_bytes = math.ceil(n / 8)
+    recv = torch.stack([lion_votes(g, m, betas[0], step)[0] for g, m in zip(grads, moms, strict=True)])
+    agg = vote_count(recv.view(n_ranks, n_bytes), n_ranks, aggregation, step)
+    for r in range(n_ranks):
+        pr, mr = p.clone(), moms[r].clone()
+        lion_apply(pr, mr, grads[r], agg, n_ranks, lr, wd, betas[1], aggregation)
+        torch.testing.assert_close(pr, want_p, atol=0, rtol=0)
+        torch.testing.assert_close(mr, want_m[r], atol=0, rtol=0)
