@@ -57,11 +57,23 @@ def _unpack_signs_kernel(packed_ptr, out_ptr, n, BLOCK_BYTES: tl.constexpr):
     tl.store(out_ptr + idx, (2 * bits - 1).to(tl.int8), mask=mask)
 
 
+def tie_votes_ref(n: int, step: int, offset: int = 0, device=None) -> torch.Tensor:
+    """The zero rule's votes (True = +1) for flat indices ``offset .. offset+n-1``: +1 where ``(j+step)`` is even.
+
+    Built as a repeated 2-pattern (1 byte per element) rather than from an int64 ``arange`` (8 bytes per element):
+    the CPU path runs this on 100M-element buckets.
+    """
+    first_even = (offset + step) % 2 == 0
+    pattern = torch.tensor([first_even, not first_even], device=device)
+    return pattern.repeat(-(-n // 2))[:n]
+
+
 def vote_bits_ref(c: torch.Tensor, step: int, offset: int = 0) -> torch.Tensor:
-    """Boolean votes (True = +1) of a flat fp32 tensor whose first element has flat index ``offset``."""
-    idx = torch.arange(offset, offset + c.numel(), device=c.device)
-    tie = (c == 0) | torch.isnan(c)
-    return (c > 0) | (tie & ((idx + step) % 2 == 0))
+    """Boolean votes (True = +1) of a flat tensor whose first element has flat index ``offset``."""
+    tie = c == 0
+    if c.is_floating_point():
+        tie |= torch.isnan(c)
+    return (c > 0) | (tie & tie_votes_ref(c.numel(), step, offset, c.device))
 
 
 def pack_bits_ref(bits: torch.Tensor) -> torch.Tensor:

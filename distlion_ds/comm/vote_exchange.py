@@ -7,7 +7,7 @@ Per bucket of ``n`` vote bits (``n`` a multiple of ``8*N``, so each of the N sha
    DESIGN 3.1 step 7 costs no extra collective (and no extra latency on a slow link).
 2. Rank r counts the votes of its shard (:func:`distlion_ds.kernels.vote_count`): MaVo -> 1 bit,
    Avg -> ``ceil(log2(N+1))`` bit-planes of ``(S+N)/2``.
-3. ``all_gather_into_tensor`` of the counted shards: every rank holds the whole aggregate.
+3. ``all_gather_single`` (``all_gather_into_tensor``) of the counted shards: every rank holds the whole aggregate.
 
 Wire per rank per step ~ ``(1 + b)(N-1)/N`` bits per parameter, against ``64(N-1)/N`` for an fp32 ring all-reduce.
 Packed bytes are never all-reduced: a sum would carry from one bit lane into the next.
@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 
 from distlion_ds.kernels.lion import aggregate_bits, vote_count
+
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (same arguments); older releases have only the former.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _group_size_rank(group) -> tuple[int, int]:
@@ -94,7 +97,7 @@ class VoteExchange:
         mine = self._buffer("mine", (self.nbits, shard), votes.device)
         vote_count(recv[:, :shard], n_ranks, self.aggregation, step, elem_offset=self.rank * shard * 8, out=mine)
         gathered = self._buffer("gathered", (n_ranks, self.nbits, shard), votes.device)
-        dist.all_gather_into_tensor(gathered.view(-1), mine.view(-1), group=self.group)
+        _all_gather_single(gathered.view(-1), mine.view(-1), group=self.group)
         self.bytes_sent += (n_ranks - 1) * self.nbits * shard
         self.bytes_received += (n_ranks - 1) * self.nbits * shard
         if self.nbits == 1:
@@ -121,5 +124,5 @@ def replica_checksum(tensors, group=None) -> list[int]:
     if world == 1:
         return [int(total)]
     out = torch.empty(world, dtype=torch.int64, device=total.device)
-    dist.all_gather_into_tensor(out, total.reshape(1), group=group)
+    _all_gather_single(out, total.reshape(1), group=group)
     return [int(v) for v in out.tolist()]

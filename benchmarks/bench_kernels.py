@@ -1,0 +1,117 @@
+"""Kernel throughput against the physical limit measured in the same run.
+
+Usage:
+    python benchmarks/bench_kernels.py [--provider triton|torch] [--numel 67108864] [--csv out.csv]
+
+On a GPU (provider triton, the default there) every kernel's achieved bandwidth is reported as a fraction of a
+device-to-device copy of the same bytes, measured in the same run, and topk_select is timed against torch.topk.
+On a CPU (provider torch: the torch reference path, which is the CPU implementation) the references are reported
+against a torch memory copy, and pack_signs against numpy.packbits on the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+
+import numpy as np
+import torch
+
+from distlion_ds import kernels as K
+from distlion_ds.kernels import _dispatch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, min_time=0.3, warmup=2) -> float:
+    """Median seconds per call over at least ``min_time`` of repetitions."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times) < 3:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--provider", choices=["triton", "torch"], default=None,
+                    help="triton: the Triton kernels (needs CUDA); torch: the torch references")
+    ap.add_argument("--numel", type=int, default=None, help="elements per tensor (default: 64M GPU, 8M CPU)")
+    ap.add_argument("--ranks", type=int, default=4, help="voters in vote_count")
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    provider = args.provider or ("triton" if cuda else "torch")
+    if provider == "triton" and not cuda and not _dispatch.INTERPRET:
+        ap.error("--provider triton needs a CUDA device (or TRITON_INTERPRET=1, which is far too slow to time)")
+    device = torch.device("cuda" if cuda and provider == "triton" else "cpu")
+    if provider == "torch":
+        _dispatch.INTERPRET = False  # CPU tensors -> references
+    n = args.numel or ((64 << 20) if device.type == "cuda" else (8 << 20))
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, device=device, generator=gen)
+    m = torch.randn(n, device=device, generator=gen)
+    p = torch.randn(n, device=device, generator=gen)
+    recv = torch.randint(0, 256, (args.ranks, n // 8), dtype=torch.uint8, device=device, generator=gen)
+    agg = K.vote_count(recv, args.ranks, "mavo", 1)
+    k = n // 10
+    codes8, scales8 = K.quantize(x, 8, 256)
+    vals, idx = K.topk_select(x, k)
+
+    copy_src = torch.empty(n, dtype=torch.float32, device=device)
+    copy_dst = torch.empty_like(copy_src)
+    t_copy = timeit(lambda: copy_dst.copy_(copy_src), device)
+    copy_bw = 2 * 4 * n / t_copy  # bytes read + written
+
+    cases = [
+        ("pack_signs", lambda: K.pack_signs(x), 4 * n + n / 8),
+        ("lion_votes", lambda: K.lion_votes(x, m, 0.9, 1), 8 * n + n / 8),
+        (f"vote_count[N={args.ranks}]", lambda: K.vote_count(recv, args.ranks, "mavo", 1),
+         args.ranks * n / 8 + n / 8),
+        ("lion_apply", lambda: K.lion_apply(p, m, x, agg, args.ranks, 1e-6, 0.0, 0.99, "mavo"), 20 * n + n / 8),
+        ("quantize[8b]", lambda: K.quantize(x, 8, 256), 4 * n + n + n / 64),
+        ("quantize[4b]", lambda: K.quantize(x, 4, 256), 4 * n + n / 2 + n / 64),
+        ("dequantize[8b]", lambda: K.dequantize(codes8, scales8, 8, 256, n, torch.float32), n + n / 64 + 4 * n),
+        ("topk_select[10%]", lambda: K.topk_select(x, k), 4 * n + 12 * k),
+        ("topk_scatter[10%]", lambda: K.topk_scatter(vals, idx, n, torch.float32), 12 * k + 4 * n),
+    ]
+    rows = [{"kernel": "copy (limit)", "provider": provider, "device": str(device), "numel": n,
+             "ms": 1e3 * t_copy, "GB/s": copy_bw / 1e9, "frac_of_copy": 1.0, "vs_baseline": ""}]
+    for name, fn, nbytes in cases:
+        t = timeit(fn, device)
+        rows.append({"kernel": name, "provider": provider, "device": str(device), "numel": n, "ms": 1e3 * t,
+                     "GB/s": nbytes / t / 1e9, "frac_of_copy": nbytes / t / copy_bw, "vs_baseline": ""})
+        if name.startswith("pack_signs") and device.type == "cpu":
+            xn = x.numpy()
+            t_np = timeit(lambda xn=xn: np.packbits(xn > 0, bitorder="little"), device)
+            rows[-1]["vs_baseline"] = f"{t_np / t:.2f}x numpy.packbits ({1e3 * t_np:.1f} ms)"
+        if name.startswith("topk_select"):
+            t_ref = timeit(lambda: torch.topk(x.abs(), k, sorted=False), device)
+            rows[-1]["vs_baseline"] = f"{t_ref / t:.2f}x torch.topk ({1e3 * t_ref:.1f} ms)"
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# {time.strftime('%Y-%m-%d')}  device: {name}  provider: {provider}  numel: {n}")
+    print(f"{'kernel':<20} {'ms':>9} {'GB/s':>8} {'of copy':>8}  vs baseline")
+    for r in rows:
+        print(f"{r['kernel']:<20} {r['ms']:9.3f} {r['GB/s']:8.2f} {r['frac_of_copy']:8.2f}  {r['vs_baseline']}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
