@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import check_contiguous, check_float, use_triton
-from .signs import _pack_bits, _vote_bits, pack_bits_ref, unpack_bits_ref, vote_bits_ref
+from .signs import _pack_bits, _vote_bits, pack_bits_ref, tie_votes_ref, unpack_bits_ref, vote_bits_ref
 
 # Same tile as the sign kernels: 1024 packed bytes = 8192 elements per program (see signs.py).
 _BLOCK_BYTES = 1024
@@ -78,11 +78,10 @@ def lion_votes_ref(grad: torch.Tensor | None, exp_avg: torch.Tensor, beta1: floa
     """Torch reference of :func:`lion_votes` (same arguments and returns)."""
     m = exp_avg.reshape(-1)
     a, b = f32(beta1), f32(1.0 - beta1)
-    if grad is None:
-        c = m * a
-    else:
+    c = m * a
+    if grad is not None:
         g = grad.reshape(-1).float()
-        c = m * a + g * b
+        c += g * b  # same rounding as ``m*a + g*b``, one temporary fewer
         if nonfinite is not None and not bool(torch.isfinite(g).all()):
             nonfinite.fill_(1)
     packed = pack_bits_ref(vote_bits_ref(c, step))
@@ -160,13 +159,20 @@ def vote_count_ref(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference of :func:`vote_count`."""
     nbits = aggregate_bits(aggregation, n_ranks)
+    if n_ranks > 255:
+        raise ValueError(f"n_ranks={n_ranks}: the reference counts votes in uint8 (at most 255 ranks)")
     n_bytes = recv.shape[1]
-    ones = unpack_bits_ref(recv[:n_ranks].reshape(-1).contiguous(), n_ranks * n_bytes * 8)
-    ones = ones.view(n_ranks, n_bytes * 8).sum(dim=0, dtype=torch.int32)
+    ones = torch.zeros(n_bytes * 8, dtype=torch.uint8, device=recv.device)  # number of +1 votes, (S+N)/2
+    for r in range(n_ranks):
+        ones += unpack_bits_ref(recv[r], n_bytes * 8)
     if aggregation == "avg":
-        res = torch.stack([pack_bits_ref(((ones >> k) & 1) != 0) for k in range(nbits)])
+        res = torch.stack([pack_bits_ref(((ones >> k) & 1).bool()) for k in range(nbits)])
     else:
-        res = pack_bits_ref(vote_bits_ref(2 * ones - n_ranks, step, elem_offset)).unsqueeze(0)
+        # S > 0 <=> ones > N/2; a tie S == 0 (even N only) <=> ones == N/2.
+        bits = ones > n_ranks // 2
+        if n_ranks % 2 == 0:
+            bits |= (ones == n_ranks // 2) & tie_votes_ref(ones.numel(), step, elem_offset, ones.device)
+        res = pack_bits_ref(bits).unsqueeze(0)
     if out is None:
         return res
     out.copy_(res)
@@ -254,29 +260,38 @@ def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, n_ranks, dec
     tl.store(m_ptr + idx, m, mask=mask)
 
 
-def _decode_delta_ref(agg: torch.Tensor, n: int, n_ranks: int, aggregation: str) -> torch.Tensor:
-    nbits = aggregate_bits(aggregation, n_ranks)
+def _lr_delta_ref(agg: torch.Tensor, n: int, n_ranks: int, aggregation: str, lr: float) -> torch.Tensor:
+    """``Delta * lr`` per element in fp32, rounded exactly as the kernel rounds ``delta * lr``.
+
+    Delta takes at most N+1 values, so they are computed once (in the kernel's fp32 operations) and looked up.
+    """
     if aggregation == "mavo":
-        return unpack_bits_ref(agg[0], n).float() * 2 - 1
-    q = torch.zeros(n, dtype=torch.int32, device=agg.device)
-    for k in range(nbits):
-        q += unpack_bits_ref(agg[k], n).to(torch.int32) << k
-    return (2 * q - n_ranks).float() / float(n_ranks)
+        table = torch.tensor([-1.0, 1.0], dtype=torch.float32, device=agg.device) * f32(lr)
+        return table[unpack_bits_ref(agg[0], n).long()]
+    q = torch.zeros(n, dtype=torch.uint8, device=agg.device)
+    for k in range(aggregate_bits(aggregation, n_ranks)):
+        q |= unpack_bits_ref(agg[k], n) << k
+    values = torch.arange(n_ranks + 1, dtype=torch.int32, device=agg.device)
+    table = (2 * values - n_ranks).float() / float(n_ranks) * f32(lr)
+    return table[q.long()]
 
 
 def lion_apply_ref(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | None, agg: torch.Tensor,
                    n_ranks: int, lr: float, weight_decay: float, beta2: float, aggregation: str) -> None:
     """Torch reference of :func:`lion_apply` (in place on ``param`` and ``exp_avg``)."""
     n = param.numel()
-    delta = _decode_delta_ref(agg, n, n_ranks, aggregation)
-    p32 = param.detach().reshape(-1).float()
-    p_new = p32 * f32(1.0 - lr * weight_decay) - delta * f32(lr)
-    param.detach().copy_(p_new.view_as(param))
+    step = _lr_delta_ref(agg, n, n_ranks, aggregation, lr)
+    data = param.detach()
+    p32 = data.reshape(-1) if data.dtype == torch.float32 and data.is_contiguous() else data.reshape(-1).float()
+    if weight_decay:
+        p32.mul_(f32(1.0 - lr * weight_decay))
+    p32.sub_(step)
+    if p32.data_ptr() != data.data_ptr():
+        data.copy_(p32.view_as(data))
     m = exp_avg.view(-1)
-    if grad is None:
-        m.copy_(m * f32(beta2))
-    else:
-        m.copy_(m * f32(beta2) + grad.reshape(-1).float() * f32(1.0 - beta2))
+    m.mul_(f32(beta2))
+    if grad is not None:
+        m.add_(grad.reshape(-1).float() * f32(1.0 - beta2))
 
 
 def lion_apply(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | None, agg: torch.Tensor,
