@@ -1,7 +1,9 @@
 """Triton kernels for distlion_ds hot paths, each with a pure-torch reference (the oracle and the CPU path).
 
-Installed as ``distlion_ds.kernels`` (the repo folder ``kernels/``). Importing this package does not import
-triton: each launcher imports it lazily, only when it dispatches to a Triton kernel.
+Installed as ``distlion_ds.kernels`` (the repo folder ``kernels/``). Importing this package imports triton (the
+kernel modules define their ``@triton.jit`` functions at import); ``import distlion_ds`` does not, because the
+top-level package resolves its public names lazily. Dispatch: a CUDA tensor runs the Triton kernel; a CPU tensor
+runs the torch reference, unless ``TRITON_INTERPRET=1`` was set before triton was imported (then the interpreter).
 """
 
 from .lion import lion_apply, lion_apply_ref, lion_votes, lion_votes_ref, vote_count, vote_count_ref
