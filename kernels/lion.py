@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import check_contiguous, check_float, use_triton
+from ._triton_utils import _cast_rne
 from .signs import _pack_bits, _vote_bits, pack_bits_ref, tie_votes_ref, unpack_bits_ref, vote_bits_ref
 
 # Same tile as the sign kernels: 1024 packed bytes = 8192 elements per program (see signs.py).
@@ -214,22 +215,6 @@ def vote_count(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int, el
 
 # --------------------------------------------------------------------------------------------- apply
 @triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """fp32 -> ``dtype`` with round-to-nearest-even, as torch's ``.to()`` does.
-
-    bf16 is rounded by hand on the bit pattern: the compiled cast is RTNE, but the CPU interpreter's fp32->bf16
-    cast truncates, and the tests compare the two paths bit for bit. (Parameters are finite; a NaN payload with a
-    full mantissa is the one input this would not keep a NaN.)
-    """
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
-@triton.jit
 def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, n_ranks, decay, lr, c2, d2,
                        HAS_GRAD: tl.constexpr, AVG: tl.constexpr, NBITS: tl.constexpr,
                        BLOCK_BYTES: tl.constexpr):
@@ -250,7 +235,7 @@ def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, n_ranks, dec
         delta = (2 * ((plane[:, None] >> bit_pos[None, :]) & 1) - 1).to(tl.float32)
     p = tl.load(p_ptr + idx, mask=mask, other=0.0)
     p_new = p.to(tl.float32) * decay - delta * lr
-    tl.store(p_ptr + idx, _round_to(p_new, p.dtype), mask=mask)
+    tl.store(p_ptr + idx, _cast_rne(p_new, p.dtype), mask=mask)
     m = tl.load(m_ptr + idx, mask=mask, other=0.0)
     if HAS_GRAD:
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import check_contiguous, check_float, use_triton
+from ._triton_utils import _cast_rne
 
 SUPPORTED_BITS = (2, 4, 8)
 # One kernel program keeps a whole block in registers (absmax and quantization from one read of x). At 16384
@@ -69,23 +70,6 @@ def _uniform_hash(idx, seed):
     h = h ^ (h >> 16)
     # 24 bits times 2**-24 is exact, so contracting the caller's `y + u` into an FMA changes nothing.
     return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
-
-
-@triton.jit
-def _cast_rne(v, dtype: tl.constexpr):
-    """``v.to(dtype)`` with round-to-nearest-even, as torch casts.
-
-    The interpreter truncates fp32 -> bf16 (GPUs round to nearest even), so bf16 is rounded by hand from the
-    fp32 bits; NaN becomes the quiet NaN 0x7FC0 as in torch. Costs a few integer ops on the GPU path.
-    """
-    if v.dtype == dtype:
-        return v
-    if dtype == tl.bfloat16:
-        b = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        r = tl.where(v != v, 0x7FC0, r)
-        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return v.to(dtype)
 
 
 # Both kernels tile whole blocks: a program owns ROWS consecutive blocks as a [ROWS, BLOCK] tile with

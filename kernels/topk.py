@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import FLOAT_DTYPES, check_contiguous, check_float, use_triton
-from .quantize import _cast_rne
+from ._triton_utils import _cast_rne
 
 # Elements per program. 4096 = 16 per thread at 8 warps: each histogram pass reads a long coalesced span per
 # program and does one 256-bin atomic flush per 4096 elements, and the interpreter (~2-3 ms per program
