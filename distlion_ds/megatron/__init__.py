@@ -1,1 +1,23 @@
-"""megatron layer of distlion_ds (see DESIGN section 2)."""
+"""megatron-core seam: compressed pipeline p2p (DESIGN 3.3), its opt-in install, and the CPU execution shim.
+
+Importing this package imports megatron-core (``import distlion_ds`` alone does not).
+
+Usage::
+
+    from distlion_ds.megatron import CompressedP2PCommunicator, CompressionConfig
+    comm = CompressedP2PCommunicator(pp_group, model_config,
+                                     compression=CompressionConfig.from_json("configs/compression/topk10_q8.json"))
+    forward_backward_func(..., p2p_communicator=comm, pg_collection=pg_collection)
+    comm.comm_stats()
+"""
+
+from distlion_ds.compress import CompressionConfig
+
+from .communicator import CompressedP2PCommunicator, compression_state, set_sample_ids
+from .cpu import disable_cpu, enable_cpu
+from .install import install, is_installed, uninstall
+
+__all__ = [
+    "CompressedP2PCommunicator", "CompressionConfig", "compression_state", "set_sample_ids",
+    "enable_cpu", "disable_cpu", "install", "uninstall", "is_installed",
+]
