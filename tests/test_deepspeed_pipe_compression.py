@@ -111,6 +111,30 @@ def _worker(rank, world):
     with pytest.raises(NotImplementedError, match="AQ-SGD"):
         _engine(f"{CONFIGS}/aqsgd_q4_cpu.json")
 
+    # 6. the config route: distlion_ds.initialize honours "p2p_compression" (here with DistributedLion too)
+    import json
+
+    from deepspeed.pipe import PipelineModule
+
+    import distlion_ds
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, WIDTH), torch.nn.Tanh(),
+              torch.nn.Linear(WIDTH, 4)]
+    module = PipelineModule(layers=layers, num_stages=2, loss_fn=torch.nn.MSELoss(), partition_method="uniform")
+    with open(f"{CONFIGS}/topk10_q8.json") as f:
+        block = json.load(f)
+    cfg = {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": GAS, "gradient_clipping": 0.0,
+           "steps_per_print": 10**9, "p2p_compression": block,
+           "optimizer": {"type": "DistributedLion", "params": {"lr": 1e-3}}}
+    eng, _, _, _ = distlion_ds.initialize(model=module, config=cfg)
+    losses = _train(eng, 6)
+    assert losses[-1] < losses[0], losses
+    s = comm_stats(eng)[direction]
+    assert s["elements_sent"] == 6 * GAS * MBS * WIDTH
+    assert s["bytes_sent"] / s["elements_sent"] <= (0.55 if rank == 0 else 1.05)
+    assert "p2p_compression" in cfg  # the caller's dict is not modified
+
 
 @pytest.mark.slow
 def test_pipeline_engine_compression():
@@ -126,3 +150,11 @@ def test_split_p2p_compression():
     assert split_p2p_compression(rest) == (rest, None)
     with pytest.raises(ValueError, match="bits"):
         split_p2p_compression({"p2p_compression": {"gradients": {"method": "quantize", "bits": 3}}})
+
+
+def test_p2p_compression_needs_a_pipeline_module():
+    import distlion_ds
+
+    cfg = {"train_batch_size": 8, "p2p_compression": {"activations": {"method": "topk", "ratio": 0.1}}}
+    with pytest.raises(ValueError, match="PipelineModule"):
+        distlion_ds.initialize(model=torch.nn.Linear(2, 2), config=cfg)

@@ -225,19 +225,71 @@ def initialize(
     config_params: Any = None,
     **kwargs: Any,
 ) -> tuple[Any, Any, Any, Any]:
-    """``deepspeed.initialize`` with DistributedLion selectable from the config.
+    """``deepspeed.initialize`` with DistributedLion selectable from the config, and pipeline p2p compression.
 
     Args and Returns: as :func:`deepspeed.initialize` (``kwargs`` such as ``distributed_port`` are passed on).
     The config comes from ``config``, ``config_params`` or ``args.deepspeed_config``, as a dict or a JSON path.
-    With ``"optimizer": {"type": "DistributedLion", "params": {...}}`` (type case-insensitive) the returned
-    optimizer is the DistributedLion, or DeepSpeed's fp16/bf16 wrapper around it
-    (:func:`get_distributed_lion` finds it); anything else goes to ``deepspeed.initialize`` unchanged.
+
+    - ``"optimizer": {"type": "DistributedLion", "params": {...}}`` (type case-insensitive): the returned
+      optimizer is the DistributedLion, or DeepSpeed's fp16/bf16 wrapper around it (:func:`get_distributed_lion`
+      finds it), and the DP gradient all-reduce is off.
+    - ``"p2p_compression": {...}`` (the schema of ``configs/compression/*.json``): the PipelineEngine's
+      activation / gradient p2p is compressed (:func:`distlion_ds.deepspeed.pipe_compression.enable_pipe_compression`;
+      its state is ``engine._distlion_pipe_compression``). DeepSpeed never sees the block.
+    - Anything else goes to ``deepspeed.initialize`` unchanged.
 
     Raises:
-        ValueError: before any process group or engine is created, for an invalid DistributedLion section or
-            a DeepSpeed setting D-Lion cannot use (ZeRO stage >= 1, offload, bf16 with a PipelineModule,
-            float16 torch_autocast), or when ``optimizer=`` is also given.
+        ValueError: before any process group or engine is created, for an invalid DistributedLion or
+            p2p_compression section, p2p_compression without a PipelineModule, a DeepSpeed setting D-Lion cannot
+            use (ZeRO stage >= 1, offload, bf16 with a PipelineModule, float16 torch_autocast), or when
+            ``optimizer=`` is also given with a DistributedLion config.
     """
+    from distlion_ds.deepspeed.pipe_compression import CONFIG_KEY, enable_pipe_compression, split_p2p_compression
+
+    ds_args = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                   dist_init_required=dist_init_required, collate_fn=collate_fn, **kwargs)
+    source, args_attr = (config, None) if config is not None else (config_params, None)
+    if source is None:
+        for attr in ("deepspeed_config", "deepscale_config"):
+            if getattr(args, attr, None) is not None:
+                source, args_attr = getattr(args, attr), attr
+                break
+    raw = _try_load(source) if source is not None else None
+    if raw is None or CONFIG_KEY not in raw:
+        return _initialize(config=config, config_params=config_params, **ds_args)
+    rest, p2p = split_p2p_compression(raw)
+    if not isinstance(model, PipelineModule):
+        raise ValueError(f'"{CONFIG_KEY}" compresses the p2p between pipeline stages: it needs a deepspeed '
+                         f"PipelineModule as model (got {type(model).__name__}); remove the block or use a "
+                         "PipelineModule")
+    saved = getattr(args, args_attr) if args_attr else None
+    if args_attr:  # DeepSpeed refuses a config in both args and config=; it gets the config without our block
+        setattr(args, args_attr, None)
+    try:
+        out = _initialize(config=rest, config_params=None, **ds_args)
+    finally:
+        if args_attr:
+            setattr(args, args_attr, saved)
+    enable_pipe_compression(out[0], p2p)
+    return out
+
+
+def _initialize(
+    args: Any = None,
+    model: torch.nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Any = None,
+    config: Any = None,
+    config_params: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """:func:`initialize` after the ``p2p_compression`` block is handled: the DistributedLion seam."""
     source, args_attr = (config, None) if config is not None else (config_params, None)
     if source is None:
         for attr in ("deepspeed_config", "deepscale_config"):
