@@ -59,6 +59,7 @@ def main(argv=None) -> int:
 
     import distlion_ds
     from distlion_ds.data import gpt_datasets, prepare
+    from distlion_ds.deepspeed.config import load_deepspeed_config
     from distlion_ds.deepspeed.engine import get_distributed_lion
     from distlion_ds.gpt import GPT, GPTConfig
 
@@ -72,8 +73,7 @@ def main(argv=None) -> int:
         prepare(out=args.data)
     dist.barrier()
     meta = json.loads((pathlib.Path(args.data) / "meta.json").read_text())
-    with open(args.deepspeed_config) as f:
-        ds_config = json.load(f)
+    ds_config = load_deepspeed_config(args.deepspeed_config)  # hjson, as DeepSpeed reads it
     micro = ds_config.get("train_micro_batch_size_per_gpu", 1)
     gas = ds_config.get("gradient_accumulation_steps", 1)
     samples_per_step = micro * gas * world
