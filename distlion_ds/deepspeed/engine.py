@@ -246,9 +246,6 @@ def initialize(
     """
     from distlion_ds.deepspeed.pipe_compression import CONFIG_KEY, enable_pipe_compression, split_p2p_compression
 
-    ds_args = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
-                   dist_init_required=dist_init_required, collate_fn=collate_fn, **kwargs)
     source, args_attr = (config, None) if config is not None else (config_params, None)
     if source is None:
         for attr in ("deepspeed_config", "deepscale_config"):
@@ -256,47 +253,44 @@ def initialize(
                 source, args_attr = getattr(args, attr), attr
                 break
     raw = _try_load(source) if source is not None else None
-    if raw is None or CONFIG_KEY not in raw:
-        return _initialize(config=config, config_params=config_params, **ds_args)
-    rest, p2p = split_p2p_compression(raw)
-    if not isinstance(model, PipelineModule):
-        raise ValueError(f'"{CONFIG_KEY}" compresses the p2p between pipeline stages: it needs a deepspeed '
-                         f"PipelineModule as model (got {type(model).__name__}); remove the block or use a "
-                         "PipelineModule")
-    saved = getattr(args, args_attr) if args_attr else None
-    if args_attr:  # DeepSpeed refuses a config in both args and config=; it gets the config without our block
-        setattr(args, args_attr, None)
+    p2p = None
+    if raw is not None and CONFIG_KEY in raw:
+        if not isinstance(model, PipelineModule):
+            raise ValueError(f'"{CONFIG_KEY}" compresses the p2p between pipeline stages: it needs a deepspeed '
+                             f"PipelineModule as model (got {type(model).__name__}); remove the block or use a "
+                             "PipelineModule")
+        raw, p2p = split_p2p_compression(raw)
+        config, config_params = raw, None  # DeepSpeed gets the config without our block...
+    hide = args_attr if p2p is not None else None
+    saved = getattr(args, hide) if hide else None
+    if hide:  # ...and not also in args, which it would refuse
+        setattr(args, hide, None)
     try:
-        out = _initialize(config=rest, config_params=None, **ds_args)
+        out = _initialize(raw, args_attr, args=args, model=model, optimizer=optimizer,
+                          model_parameters=model_parameters, training_data=training_data, lr_scheduler=lr_scheduler,
+                          mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
+                          config_params=config_params, **kwargs)
     finally:
-        if args_attr:
-            setattr(args, args_attr, saved)
-    enable_pipe_compression(out[0], p2p)
+        if hide:
+            setattr(args, hide, saved)
+    if p2p is not None:
+        enable_pipe_compression(out[0], p2p)
     return out
 
 
 def _initialize(
-    args: Any = None,
-    model: torch.nn.Module | None = None,
-    optimizer: Any = None,
-    model_parameters: Any = None,
-    training_data: Any = None,
-    lr_scheduler: Any = None,
-    mpu: Any = None,
-    dist_init_required: bool | None = None,
-    collate_fn: Any = None,
-    config: Any = None,
-    config_params: Any = None,
+    raw: dict[str, Any] | None,
+    args_attr: str | None,
+    *,
+    args: Any,
+    model: torch.nn.Module | None,
+    optimizer: Any,
+    config: Any,
+    config_params: Any,
+    mpu: Any,
     **kwargs: Any,
 ) -> tuple[Any, Any, Any, Any]:
-    """:func:`initialize` after the ``p2p_compression`` block is handled: the DistributedLion seam."""
-    source, args_attr = (config, None) if config is not None else (config_params, None)
-    if source is None:
-        for attr in ("deepspeed_config", "deepscale_config"):
-            if getattr(args, attr, None) is not None:
-                source, args_attr = getattr(args, attr), attr
-                break
-    raw = _try_load(source) if source is not None else None
+    """:func:`initialize` once the config is loaded (``raw``) and its ``p2p_compression`` block handled."""
     plan = parse_deepspeed_config(raw, pipeline=isinstance(model, PipelineModule)) if raw is not None else None
     if plan is None:
         if isinstance(optimizer, DistributedLion):
@@ -305,20 +299,8 @@ def _initialize(
                 "select it, so DeepSpeed keeps its fp32 gradient all-reduce (every rank then casts the same "
                 'votes). Put "optimizer": {"type": "DistributedLion", ...} in the config for the 1-bit exchange.'
             )
-        return deepspeed.initialize(
-            args=args,
-            model=model,
-            optimizer=optimizer,
-            model_parameters=model_parameters,
-            training_data=training_data,
-            lr_scheduler=lr_scheduler,
-            mpu=mpu,
-            dist_init_required=dist_init_required,
-            collate_fn=collate_fn,
-            config=config,
-            config_params=config_params,
-            **kwargs,
-        )
+        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, mpu=mpu, config=config,
+                                    config_params=config_params, **kwargs)
     if optimizer is not None:
         raise ValueError(
             "the config selects optimizer.type=DistributedLion and optimizer= was passed too: pass one of them"
@@ -331,19 +313,7 @@ def _initialize(
             "sequence parallelism cannot be used with DistributedLion: sequence-parallel ranks hold partial "
             "gradients of one replica that DeepSpeed sums with the DP all-reduce that D-Lion turns off"
         )
-    return _initialize_distributed_lion(
-        plan,
-        args=args,
-        args_attr=args_attr,
-        model=model,
-        model_parameters=model_parameters,
-        training_data=training_data,
-        lr_scheduler=lr_scheduler,
-        mpu=mpu,
-        dist_init_required=dist_init_required,
-        collate_fn=collate_fn,
-        **kwargs,
-    )
+    return _initialize_distributed_lion(plan, args=args, args_attr=args_attr, model=model, mpu=mpu, **kwargs)
 
 
 def _initialize_distributed_lion(
