@@ -193,3 +193,14 @@ def test_kernel_pipeline_equals_dlion_reference(n_ranks, aggregation):
         lion_apply(pr, mr, grads[r], agg, n_ranks, lr, wd, betas[1], aggregation)
         torch.testing.assert_close(pr, want_p, atol=0, rtol=0)
         torch.testing.assert_close(mr, want_m[r], atol=0, rtol=0)
+
+
+def test_empty_tensors():
+    m = torch.zeros(0)
+    packed, flag = lion_votes(torch.zeros(0), m, 0.9, 1, nonfinite=torch.zeros(1, dtype=torch.int32))
+    assert packed.numel() == 0 and int(flag) == 0
+    agg = torch.zeros(1, 0, dtype=torch.uint8)
+    p = torch.zeros(0)
+    lion_apply(p, m, None, agg, 2, 0.1, 0.0, 0.99, "mavo")
+    assert vote_count(torch.zeros(3, 0, dtype=torch.uint8), 3, "avg", 1).shape == (2, 0)
+    assert unpack_signs(pack_signs(p), 0).numel() == 0
