@@ -135,14 +135,16 @@ def lion_votes(grad: torch.Tensor | None, exp_avg: torch.Tensor, beta1: float, s
 
 # --------------------------------------------------------------------------------------------- vote count
 @triton.jit
-def _vote_count_kernel(recv_ptr, recv_stride, out_ptr, out_stride, n_bytes, n_ranks, step, elem_offset,
+def _vote_count_kernel(recv_ptr, recv_stride, out_ptr, out_stride, n_bytes, step, elem_offset, N_RANKS: tl.constexpr,
                        AVG: tl.constexpr, NBITS: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    # N is a compile-time constant: it is fixed for a run (one compilation per group size), and a runtime loop
+    # bound breaks the interpreter of Triton 3.6 (a scalar argument there is a 1-element array, not an int).
     pid = tl.program_id(0).to(tl.int64)
     byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     bmask = byte < n_bytes
     bit_pos = tl.arange(0, 8)
     ones = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
-    for r in range(n_ranks):
+    for r in range(N_RANKS):
         b = tl.load(recv_ptr + r * recv_stride + byte, mask=bmask, other=0).to(tl.int32)
         ones += (b[:, None] >> bit_pos[None, :]) & 1
     if AVG:
@@ -151,7 +153,7 @@ def _vote_count_kernel(recv_ptr, recv_stride, out_ptr, out_stride, n_bytes, n_ra
             plane = _pack_bits(((ones >> k) & 1) != 0, bit_pos)
             tl.store(out_ptr + k * out_stride + byte, plane, mask=bmask)
     else:
-        s = 2 * ones - n_ranks
+        s = 2 * ones - N_RANKS
         idx = elem_offset + byte[:, None] * 8 + bit_pos[None, :]
         tl.store(out_ptr + byte, _pack_bits(_vote_bits(s, idx, step), bit_pos), mask=bmask)
 
@@ -208,8 +210,8 @@ def vote_count(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int, el
         return vote_count_ref(recv, n_ranks, aggregation, step, elem_offset, out)
     if n_bytes:
         grid = (triton.cdiv(n_bytes, _BLOCK_BYTES),)
-        _vote_count_kernel[grid](recv, recv.stride(0), out, out.stride(0), n_bytes, n_ranks, step, elem_offset,
-                                 AVG=aggregation == "avg", NBITS=nbits, BLOCK_BYTES=_BLOCK_BYTES)
+        _vote_count_kernel[grid](recv, recv.stride(0), out, out.stride(0), n_bytes, step, elem_offset,
+                                 N_RANKS=n_ranks, AVG=aggregation == "avg", NBITS=nbits, BLOCK_BYTES=_BLOCK_BYTES)
     return out
 
 

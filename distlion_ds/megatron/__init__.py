@@ -11,11 +11,17 @@ Usage::
     comm.comm_stats()
 """
 
+import warnings
+
 from distlion_ds.compress import CompressionConfig
 
-from .communicator import CompressedP2PCommunicator, compression_state, set_sample_ids
-from .cpu import disable_cpu, enable_cpu
-from .install import install, is_installed, uninstall
+with warnings.catch_warnings():
+    # megatron-core warns on import, once per process, that Transformer Engine / Apex are absent and it uses its
+    # local fallbacks; on a CPU run that is the expected configuration, not news (scoped to this import only).
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from .communicator import CompressedP2PCommunicator, compression_state, set_sample_ids
+    from .cpu import disable_cpu, enable_cpu
+    from .install import install, is_installed, uninstall
 
 __all__ = [
     "CompressedP2PCommunicator", "CompressionConfig", "compression_state", "set_sample_ids",

@@ -1,0 +1,272 @@
+"""``python -m distlion_ds.megatron.pretrain_gpt`` and its launch scripts, end to end on CPU / gloo.
+
+One 4-process spawn (pp=2 x dp=2) runs several trainings through ``main()`` in-process (imports are paid once,
+DESIGN section 4): D-Lion + TopK p2p, AdamW with the explicit DP all-reduce, the interleaved schedule with EF, and
+the resume check (2k iterations == k + save + load + k, bit for bit, with D-Lion momentum per DP rank, dropout RNG,
+the LR schedule and AQ-SGD buffers across an epoch boundary). The launch scripts run under torchrun as users run
+them: ``launch/megatron_gpt.sh`` (pp=2) and ``launch/3d_gpt.sh`` (tp=2 x pp=2 x dp=2, 8 processes, STEPS=2).
+Argument errors are checked in-process. Data: a 25-file slice of the stdlib, 512-piece tokenizer (~5 s to prepare).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from _dist import free_port, spawn
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "compression"
+logger = logging.getLogger(__name__)
+# pp=2 x dp=2: 2 micro-batches of 2 per DP rank and iteration
+BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "2", "--global-batch-size", "8", "--eval-iters", "1", "--log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    from distlion_ds.data import prepare, stdlib_files
+
+    root = tmp_path_factory.mktemp("megatron_data")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    files = [f for f in stdlib_files() if f.parent.name in ("json", "email")][:25]
+    for i, f in enumerate(files):
+        shutil.copy(f, corpus / f"{i:03d}_{f.name}")
+    prepare(corpus=str(corpus), out=str(root / "data"), vocab_size=512, valid_every=5)
+    return str(root / "data")
+
+
+def _summary(out: pathlib.Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _script_env() -> dict:
+    # The workers time nothing here, but the Triton interpreter would make every codec call ~100x slower: without
+    # the flag CPU tensors take the torch references. torchrun comes from this interpreter's environment.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MASTER_PORT"] = str(free_port())
+    return env
+
+
+# ----------------------------------------------------------------------------------------------- pp=2 x dp=2
+
+
+def _pp2_dp2_worker(rank: int, world: int, data: str, out: str) -> None:
+    import distlion_ds.kernels._dispatch as dispatch
+    from distlion_ds.megatron import pretrain_gpt
+
+    dispatch.INTERPRET = False  # torch references on CPU tensors (the interpreter is ~100x slower)
+    torch.set_num_threads(1)  # 4 ranks on 2 cores: more threads only oversubscribe
+    out_dir = pathlib.Path(out)
+    common = [*BASE, "--data-path", data, "--pipeline-model-parallel-size", "2"]
+
+    def run(name: str, *extra: str) -> None:
+        assert pretrain_gpt.main([*common, "--out", str(out_dir / name), *extra]) == 0, name
+
+    run("dlion_topk", "--optimizer", "distlion", "--lr", "3e-3", "--min-lr", "3e-4", "--train-iters", "6",
+        "--p2p-compression", str(CONFIGS / "topk10_q8.json"))
+    run("adam", "--optimizer", "adam", "--lr", "3e-3", "--train-iters", "3")
+    run("interleaved", "--optimizer", "distlion", "--train-iters", "2", "--num-layers", "4",
+        "--num-layers-per-virtual-pipeline-stage", "1", "--p2p-compression", str(CONFIGS / "topk10_ef_q8.json"))
+
+    # Resume: AQ-SGD epochs of 2 iterations (16 samples), so the resumed half sends deltas against buffers that
+    # only the checkpoint holds; dropout on (RNG state), warm-up + cosine (scheduler state).
+    resume = ["--optimizer", "distlion", "--lr", "3e-3", "--lr-warmup-iters", "1", "--train-iters", "4",
+              "--eval-interval", "2", "--epoch-samples", "16", "--p2p-compression", str(CONFIGS / "aqsgd_q4_cpu.json")]
+    run("full", *resume, "--save", str(out_dir / "ckpt_full"))
+    run("part1", *resume, "--exit-interval", "2", "--save", str(out_dir / "ckpt_part"))
+    run("part2", *resume, "--load", str(out_dir / "ckpt_part"), "--save", str(out_dir / "ckpt_part"))
+    with pytest.raises(ValueError, match="saved with"):  # every rank refuses, so no collective is left waiting
+        pretrain_gpt.main([*common, *resume, "--optimizer", "adam", "--load", str(out_dir / "ckpt_part"),
+                           "--out", str(out_dir / "refused")])
+
+
+@pytest.fixture(scope="module")
+def pp2_dp2(tiny_data, tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("pp2_dp2")
+    t0 = time.perf_counter()
+    spawn(_pp2_dp2_worker, 4, tiny_data, str(out))
+    logger.info("pp=2 x dp=2 spawn: %.1f s", time.perf_counter() - t0)
+    return out
+
+
+def _check_common(s: dict, tp: int, pp: int, dp: int, steps: int) -> None:
+    assert (s["tp"], s["pp"], s["dp"], s["steps"]) == (tp, pp, dp, steps)
+    assert len(s["losses"]) == steps and all(math.isfinite(x) for x in s["losses"]), s["losses"]
+    assert s["dp_replicas_identical"] is True
+    assert s["tp_replicated_params_identical"] is True
+    assert s["skipped_steps"] == 0
+
+
+@pytest.mark.slow
+def test_pp2_dp2_training(pp2_dp2):
+    s = _summary(pp2_dp2 / "dlion_topk")
+    _check_common(s, 1, 2, 2, 6)
+    assert s["tied_embeddings_identical"] is True
+    assert s["losses"][0] == pytest.approx(math.log(512), rel=0.02)  # untrained: uniform over the vocab
+    assert s["losses"][-1] < s["losses"][0] - 0.1 and s["eval"][-1]["val_loss"] < s["losses"][0], s["losses"]
+    w = s["wire"]
+    # MaVo at N=2: (1 + 1)(N-1)/N = 1 bit per parameter and step, plus bucket padding and the flag byte
+    assert 1.0 <= w["dlion"]["bits_per_param_step"] < 1.05, w["dlion"]
+    assert w["p2p_activations"]["bytes_per_element"] < 0.6  # TopK 10 %: values + indices + header, vs 4 (fp32)
+    assert 1.0 < w["p2p_gradients"]["bytes_per_element"] < 1.1  # 8-bit codes + block scales
+    assert w["embedding_allreduce"] > 0 and w["dp_allreduce"] is None
+
+    a = _summary(pp2_dp2 / "adam")
+    _check_common(a, 1, 2, 2, 3)
+    assert a["tied_embeddings_identical"] is True and a["losses"][-1] < a["losses"][0]
+    assert a["wire"]["dlion"] is None and a["wire"]["dp_allreduce"] > 0 and a["wire"]["p2p_activations"] is None
+
+    i = _summary(pp2_dp2 / "interleaved")
+    _check_common(i, 1, 2, 2, 2)
+    assert i["vp"] == 2 and i["tied_embeddings_identical"] is True
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _flatten(obj[k], f"{prefix}/{k}")
+    elif isinstance(obj, list | tuple):
+        for n, v in enumerate(obj):
+            yield from _flatten(v, f"{prefix}/{n}")
+    else:
+        yield prefix, obj
+
+
+def _assert_same(a, b, what: str) -> None:
+    fa, fb = dict(_flatten(a)), dict(_flatten(b))
+    assert fa.keys() == fb.keys(), what
+    for k, va in fa.items():
+        vb = fb[k]
+        if torch.is_tensor(va):
+            assert torch.equal(va, vb), f"{what}: {k} differs"
+        elif isinstance(va, np.ndarray):  # numpy's RNG state
+            assert np.array_equal(va, vb), f"{what}: {k} differs"
+        else:
+            assert va == vb, f"{what}: {k}: {va!r} != {vb!r}"
+
+
+@pytest.mark.slow
+def test_resume_is_exact(pp2_dp2):
+    full, p1, p2 = (_summary(pp2_dp2 / n) for n in ("full", "part1", "part2"))
+    assert full["losses"][:2] == p1["losses"] and full["losses"][2:] == p2["losses"], (full, p1, p2)
+    assert p2["start_iteration"] == 2 and p2["end_iteration"] == 4
+    assert full["eval"] == p1["eval"] + p2["eval"]
+    files = sorted((pp2_dp2 / "ckpt_full" / "iter_0000004").glob("*.pt"))
+    assert len(files) == 4  # one per rank: D-Lion momentum is per DP rank
+    for f in files:
+        a = torch.load(f, weights_only=False)
+        b = torch.load(pp2_dp2 / "ckpt_part" / "iter_0000004" / f.name, weights_only=False)
+        for key in ("model", "optimizer", "scheduler", "p2p", "rng", "iteration"):
+            _assert_same(a[key], b[key], f"{f.name} {key}")
+    # AQ-SGD: the first epoch crosses the cut in full (fp32, > 4 B/element), the resumed second epoch as 4-bit
+    # deltas (~0.53); each half also holds one evaluation, sent 4-bit ("inference": "compressed"), which pulls
+    # the first half's average down to ~2.9.
+    warm, delta = p1["wire"]["p2p_activations"], p2["wire"]["p2p_activations"]
+    assert warm["bytes_per_element"] > 2.0 and delta["bytes_per_element"] < 0.6, (warm, delta)
+
+
+# ----------------------------------------------------------------------------------------------- launch scripts
+
+
+@pytest.mark.slow
+def test_megatron_gpt_launch(tiny_data, tmp_path):
+    env = _script_env() | {"NPROC": "2"}
+    cmd = ["bash", str(REPO / "launch" / "megatron_gpt.sh"), *BASE, "--pipeline-model-parallel-size", "2",
+           "--global-batch-size", "4", "--optimizer", "adam", "--untie-embeddings-and-output-weights",
+           "--train-iters", "3", "--data-path", tiny_data, "--out", str(tmp_path)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    logger.info("launch/megatron_gpt.sh (2 processes, 3 iterations): %.1f s", time.perf_counter() - t0)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    s = _summary(tmp_path)
+    _check_common(s, 1, 2, 1, 3)
+    assert s["tied_embeddings_identical"] is None and s["wire"]["embedding_allreduce"] == 0  # untied
+
+
+@pytest.mark.slow
+def test_3d_launch(tiny_data, tmp_path):
+    """tp=2 x pp=2 x dp=2 (8 processes on CPU), STEPS=2: measured ~40 s on 2 busy cores, mostly imports."""
+    env = _script_env() | {"STEPS": "2"}
+    cmd = ["bash", str(REPO / "launch" / "3d_gpt.sh"), "--data-path", tiny_data, "--out", str(tmp_path)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    logger.info("launch/3d_gpt.sh STEPS=2 (8 processes): %.1f s", time.perf_counter() - t0)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    s = _summary(tmp_path)
+    _check_common(s, 2, 2, 2, 2)
+    assert s["tied_embeddings_identical"] is True
+    assert s["optimizer"] == "distlion" and s["p2p_compression"].endswith(".json")
+    w = s["wire"]
+    assert w["dlion"]["bytes_sent"] > 0 and 1.0 <= w["dlion"]["bits_per_param_step"] < 1.05
+    for channel in ("p2p_activations", "p2p_gradients"):
+        assert w[channel]["bytes_sent"] > 0 and w[channel]["bytes_per_element"] < 1.1, w[channel]
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+
+def _args(*extra: str):
+    from distlion_ds.megatron.pretrain_gpt import parse_args
+
+    return parse_args(["--train-iters", "2", *extra])
+
+
+@pytest.mark.parametrize("extra, world, message", [
+    (["--global-batch-size", "6", "--micro-batch-size", "2"], 2, "not divisible by --micro-batch-size 2 x data"),
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 6, "world size 6"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers", "3"], 2, "--num-layers 3"),
+    (["--tensor-model-parallel-size", "3", "--num-attention-heads", "4", "--hidden-size", "12"], 3, "heads 4"),
+    (["--p2p-compression", "x.json"], 2, "pipeline-model-parallel-size >= 2"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1",
+      "--global-batch-size", "3", "--micro-batch-size", "1"], 2, "multiple of --pipeline-model-parallel-size"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "3"],
+     2, "does not divide"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size >= 2"),
+    (["--epoch-samples", "10", "--global-batch-size", "4"], 2, "--epoch-samples 10"),
+    (["--exit-interval", "5"], 1, "exceeds --train-iters"),
+])
+def test_invalid_combinations(extra, world, message):
+    from distlion_ds.megatron.pretrain_gpt import validate_args
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        validate_args(_args(*extra), world)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--micro-batch-size", "0"], "--micro-batch-size must be > 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--hidden-size", "30", "--num-attention-heads", "4"], "not divisible by --num-attention-heads"),
+    (["--save-interval", "1"], "--save-interval needs --save"),
+    (["--lr-warmup-iters", "2"], "--lr-warmup-iters 2 must be below"),
+    (["--min-lr", "1", "--lr", "0.1"], "--min-lr 1.0 exceeds"),
+    (["--optimizer", "sgd"], "invalid choice"),
+])
+def test_bad_arguments(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        _args(*extra)
+    assert message in capsys.readouterr().err
+
+
+def test_valid_layouts():
+    from distlion_ds.megatron.pretrain_gpt import validate_args
+
+    lay = validate_args(_args("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                              "--num-layers", "4", "--micro-batch-size", "2", "--global-batch-size", "8"), 8)
+    assert (lay.tp, lay.pp, lay.dp, lay.vp, lay.num_micro, lay.global_batch) == (2, 2, 2, 1, 2, 8)
+    lay = validate_args(_args("--pipeline-model-parallel-size", "2", "--num-layers", "8",
+                              "--num-layers-per-virtual-pipeline-stage", "2", "--global-batch-size", "4"), 4)
+    assert (lay.dp, lay.vp, lay.num_micro) == (2, 2, 2)
+    assert validate_args(_args("--micro-batch-size", "3"), 2).global_batch == 6  # default: micro x dp
