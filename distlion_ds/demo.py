@@ -153,7 +153,10 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seq-length", type=int, default=64)
     ap.add_argument("--valid-samples", type=int, default=256)
-    ap.add_argument("--data", default="data_cache/stdlib")
+    ap.add_argument("--data", default="data_cache/stdlib", help="prepared dataset folder (made when missing)")
+    ap.add_argument("--corpus", default="stdlib", help="what to prepare there: 'stdlib', a folder, or a .jsonl")
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--valid-every", type=int, default=50, help="every k-th corpus file goes to validation")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     args = ap.parse_args(argv)
@@ -161,7 +164,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         ap.error(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
-    meta = prepare(out=args.data)
+    meta = prepare(corpus=args.corpus, out=args.data, vocab_size=args.vocab_size, valid_every=args.valid_every)
     args.vocab_size = meta["vocab_size_actual"]
     gpt_datasets(args.data, args.seq_length, args.steps * args.micro_batch * args.workers, args.valid_samples)
     out = pathlib.Path(args.out)

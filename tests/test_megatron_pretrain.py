@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
@@ -31,20 +30,6 @@ logger = logging.getLogger(__name__)
 # pp=2 x dp=2: 2 micro-batches of 2 per DP rank and iteration
 BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
         "--micro-batch-size", "2", "--global-batch-size", "8", "--eval-iters", "1", "--log-interval", "1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> str:
-    from distlion_ds.data import prepare, stdlib_files
-
-    root = tmp_path_factory.mktemp("megatron_data")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    files = [f for f in stdlib_files() if f.parent.name in ("json", "email")][:25]
-    for i, f in enumerate(files):
-        shutil.copy(f, corpus / f"{i:03d}_{f.name}")
-    prepare(corpus=str(corpus), out=str(root / "data"), vocab_size=512, valid_every=5)
-    return str(root / "data")
 
 
 def _summary(out: pathlib.Path) -> dict:
