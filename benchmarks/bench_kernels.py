@@ -18,29 +18,10 @@ import time
 
 import numpy as np
 import torch
+from _timing import timeit
 
 from distlion_ds import kernels as K
 from distlion_ds.kernels import _dispatch
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device, min_time=0.3, warmup=2) -> float:
-    """Median seconds per call over at least ``min_time`` of repetitions."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 3:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main(argv=None) -> int:

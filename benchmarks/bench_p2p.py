@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+from _timing import timeit
 
 from distlion_ds.compress import CompressionConfig, CompressionState, Mode, PipeCompressor
 from distlion_ds.kernels import _dispatch
@@ -39,26 +40,6 @@ METHODS = {
     "quantize 4b": {"method": "quantize", "bits": 4, "block_size": 256},
     "quantize 2b": {"method": "quantize", "bits": 2, "block_size": 256},
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device: torch.device, min_time: float = 0.3, warmup: int = 2) -> float:
-    """Median seconds per call over at least ``min_time`` of repetitions."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 3:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def _compressor(cfg: dict, provider: str) -> PipeCompressor:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from _exact import assert_same as _assert_same
 
 from distlion_ds.kernels import _dispatch
 from distlion_ds.kernels.quantize import (
@@ -29,15 +30,6 @@ def test_suite_runs_the_triton_kernels():
 def _randn(n, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, generator=g) * scale).to(dtype)
-
-
-def _assert_same(a, b):
-    """Exact equality; NaN == NaN at the same positions (torch's own fp32 -> bf16 NaN bits vary by CPU path)."""
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if a.is_floating_point():
-        assert torch.equal(torch.isnan(a), torch.isnan(b))
-        a, b = a[~torch.isnan(a)], b[~torch.isnan(b)]
-    assert torch.equal(a, b)
 
 
 def _unpack(codes, bits, numel):

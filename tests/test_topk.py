@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from _exact import assert_same as _assert_same
 
 from distlion_ds.kernels import _dispatch
 from distlion_ds.kernels.topk import topk_scatter, topk_scatter_ref, topk_select, topk_select_ref
@@ -23,15 +24,6 @@ def _oracle(x, k):
     idx = torch.sort(flat.abs().float(), descending=True, stable=True).indices[:k]
     idx = idx.sort().values
     return flat[idx], idx
-
-
-def _assert_same(a, b):
-    """Exact equality, NaN == NaN at the same positions."""
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if a.is_floating_point():
-        assert torch.equal(torch.isnan(a), torch.isnan(b))
-        a, b = a[~torch.isnan(a)], b[~torch.isnan(b)]
-    assert torch.equal(a, b)
 
 
 def _check(x, k):
