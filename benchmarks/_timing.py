@@ -26,3 +26,20 @@ def timeit(fn, device: torch.device, min_time: float = 0.3, warmup: int = 2) -> 
         sync(device)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def resolve_provider(ap, provider: str | None) -> tuple[str, torch.device]:
+    """``--provider`` -> (provider, device): triton on CUDA by default, the torch references on CPU.
+
+    The torch provider also switches the CPU dispatch to the references (a TRITON_INTERPRET=1 environment would
+    otherwise time the interpreter).
+    """
+    from distlion_ds.kernels import _dispatch
+
+    cuda = torch.cuda.is_available()
+    provider = provider or ("triton" if cuda else "torch")
+    if provider == "triton" and not cuda and not _dispatch.INTERPRET:
+        ap.error("--provider triton needs a CUDA device (or TRITON_INTERPRET=1, which is far too slow to time)")
+    if provider == "torch":
+        _dispatch.INTERPRET = False
+    return provider, torch.device("cuda" if cuda and provider == "triton" else "cpu")

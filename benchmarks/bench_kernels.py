@@ -18,10 +18,9 @@ import time
 
 import numpy as np
 import torch
-from _timing import timeit
+from _timing import resolve_provider, timeit
 
 from distlion_ds import kernels as K
-from distlion_ds.kernels import _dispatch
 
 
 def main(argv=None) -> int:
@@ -32,13 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=4, help="voters in vote_count")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    provider = args.provider or ("triton" if cuda else "torch")
-    if provider == "triton" and not cuda and not _dispatch.INTERPRET:
-        ap.error("--provider triton needs a CUDA device (or TRITON_INTERPRET=1, which is far too slow to time)")
-    device = torch.device("cuda" if cuda and provider == "triton" else "cpu")
-    if provider == "torch":
-        _dispatch.INTERPRET = False  # CPU tensors -> references
+    provider, device = resolve_provider(ap, args.provider)
     n = args.numel or ((64 << 20) if device.type == "cuda" else (8 << 20))
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, device=device, generator=gen)

@@ -27,10 +27,9 @@ import time
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from _timing import timeit
+from _timing import resolve_provider, timeit
 
 from distlion_ds.compress import CompressionConfig, CompressionState, Mode, PipeCompressor
-from distlion_ds.kernels import _dispatch
 
 METHODS = {
     "none": {"method": "none"},
@@ -96,11 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=10, help="loopback sends per method")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    provider = args.provider or ("triton" if cuda else "torch")
-    if provider == "triton" and not cuda and not _dispatch.INTERPRET:
-        ap.error("--provider triton needs a CUDA device (or TRITON_INTERPRET=1, which is far too slow to time)")
-    device = torch.device("cuda" if cuda and provider == "triton" else "cpu")
+    provider, device = resolve_provider(ap, args.provider)
     shape = tuple(args.shape or ((4096, 1, 4096) if device.type == "cuda" else (2048, 1, 1024)))
     dtype = getattr(torch, args.dtype)
     x = torch.randn(shape, device=device).to(dtype)
