@@ -4,7 +4,8 @@
         --deepspeed_config configs/deepspeed/dlion_mavo.json [--train-iters 200] [--data data_cache/stdlib]
 
 (``launch/deepspeed_gpt.sh`` is that command.) The model is :class:`distlion_ds.gpt.GPT`, the data megatron-core's
-GPTDataset over the SentencePiece-tokenised corpus of :mod:`distlion_ds.data` (rank 0 prepares it when missing).
+GPTDataset over the SentencePiece-tokenised corpus of :mod:`distlion_ds.data` (rank 0 prepares the stdlib corpus
+there when the folder has no dataset yet).
 Each data-parallel rank reads its own micro-batches. On CPU the run uses gloo, on GPUs nccl, unchanged.
 Writes ``<out>/summary.json``: config, steps, per-step train loss (mean over ranks), validation losses, wire bits
 per parameter per step of the optimizer exchange, wall time.
@@ -69,8 +70,8 @@ def main(argv=None) -> int:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:
-        prepare(out=args.data)
+    if rank == 0 and not (pathlib.Path(args.data) / "meta.json").exists():
+        prepare(out=args.data)  # the default corpus; prepare other corpora with `python -m distlion_ds.data`
     dist.barrier()
     meta = json.loads((pathlib.Path(args.data) / "meta.json").read_text())
     ds_config = load_deepspeed_config(args.deepspeed_config)  # hjson, as DeepSpeed reads it
