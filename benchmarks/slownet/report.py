@@ -132,12 +132,12 @@ def plot(results: dict, path: Path) -> Path | None:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
 
 
-if __name__ == "__main__":  # re-render: python -m benchmarks.slownet.report runs/slownet/results.json
+if __name__ == "__main__":  # re-render: python -m benchmarks.slownet.report RESULTS_JSON [PNG]
     res = json.loads(Path(sys.argv[1]).read_text())
     print(markdown(res))
-    plot(res, Path(sys.argv[1]).with_name("step_time_vs_bandwidth.png"))
+    plot(res, Path(sys.argv[2]) if len(sys.argv) > 2 else Path(sys.argv[1]).with_name("step_time_vs_bandwidth.png"))
