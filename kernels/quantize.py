@@ -59,6 +59,21 @@ _U24 = 2.0**-24  # u = (h >> 8) * 2**-24: 24 random bits, exact in fp32, u in [0
 
 
 @triton.jit
+def _block_tile(numel, block_size, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's [ROWS, BLOCK] tile of whole blocks: first block, element base, row/col ranges, offsets, mask.
+
+    Offsets inside the tile are 32-bit from a 64-bit base (fewer registers than 64-bit offsets everywhere).
+    """
+    block0 = tl.program_id(0).to(tl.int64) * ROWS
+    base = block0 * block_size
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    offs = rows[:, None] * block_size + cols[None, :]
+    mask = (cols[None, :] < block_size) & (offs < tl.minimum(numel - base, ROWS * block_size).to(tl.int32))
+    return block0, base, rows, cols, offs, mask
+
+
+@triton.jit
 def _uniform_hash(idx, seed):
     """u in [0, 1) from (seed, idx), both uint32. Must match _uniform_ref bit for bit."""
     h = idx * 0x9E3779B9
@@ -87,12 +102,7 @@ def _quantize_kernel(
     BITS: tl.constexpr, CODES_PER_BYTE: tl.constexpr, QMAX: tl.constexpr, NONFINITE_CODE: tl.constexpr,
     STOCHASTIC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    block0 = tl.program_id(0).to(tl.int64) * ROWS
-    base = block0 * block_size
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    offs = rows[:, None] * block_size + cols[None, :]
-    mask = (cols[None, :] < block_size) & (offs < tl.minimum(numel - base, ROWS * block_size).to(tl.int32))
+    block0, base, rows, cols, offs, mask = _block_tile(numel, block_size, ROWS, BLOCK)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     ax = tl.abs(x)
     finite = ax < float("inf")  # False for NaN and +-Inf
@@ -139,12 +149,7 @@ def _dequantize_kernel(
     BITS: tl.constexpr, CODES_PER_BYTE: tl.constexpr, QMAX: tl.constexpr, NONFINITE_CODE: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    block0 = tl.program_id(0).to(tl.int64) * ROWS
-    base = block0 * block_size
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    offs = rows[:, None] * block_size + cols[None, :]
-    mask = (cols[None, :] < block_size) & (offs < tl.minimum(numel - base, ROWS * block_size).to(tl.int32))
+    block0, base, rows, cols, offs, mask = _block_tile(numel, block_size, ROWS, BLOCK)
     byte_offs = rows[:, None] * bytes_per_block + (cols // CODES_PER_BYTE)[None, :]
     byte = tl.load(codes_ptr + block0 * bytes_per_block + byte_offs, mask=mask, other=0).to(tl.int32)
     code = (byte >> ((cols % CODES_PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
