@@ -14,16 +14,14 @@ schedules. Each spawn costs ~10 s of imports, so every spawned run checks many t
 
 from __future__ import annotations
 
-import datetime
 import inspect
 import json
 import logging
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _dist import spawn
 
 logger = logging.getLogger(__name__)
 
@@ -37,20 +35,10 @@ TARGETS = {"topk10": 0.35, "q4": 0.55, "q8": 1.05}
 # ----------------------------------------------------------------------------------------------------- harness
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _setup(rank: int, world: int, port: int) -> None:
+def _setup() -> None:
     # One intra-op thread per rank: with 2-4 ranks on 2 cores the default oversubscribes the cores and a step
     # takes 50x longer (measured: 3.5 s vs 0.065 s for pp=2).
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=120))
     from distlion_ds.megatron import enable_cpu
 
     assert enable_cpu() and enable_cpu()  # idempotent
@@ -214,8 +202,8 @@ def _read(out_dir: str, world: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------- pp = 2
 
 
-def _pp2_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    _setup(rank, world, port)
+def _pp2_worker(rank: int, world: int, out_dir: str) -> None:
+    _setup()
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
     from distlion_ds.compress import CompressionState
@@ -326,13 +314,11 @@ def _pp2_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         except ValueError as e:
             assert "set_sample_ids" in str(e)
     _write(out_dir, rank, metrics)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_pp2_megatron(tmp_path):
-    mp.spawn(_pp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    spawn(_pp2_worker, 2, str(tmp_path))
     m = _read(str(tmp_path), 2)
     logger.info("pp=2 metrics: %s", m)
     assert m[0]["topk10"]["act_bpe"] <= TARGETS["topk10"] and m[0]["q4"]["act_bpe"] <= TARGETS["q4"]
@@ -342,8 +328,8 @@ def test_pp2_megatron(tmp_path):
 # ----------------------------------------------------------------------------------------------------- pp = 4
 
 
-def _pp4_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    _setup(rank, world, port)
+def _pp4_worker(rank: int, world: int, out_dir: str) -> None:
+    _setup()
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
     metrics: dict = {}
@@ -388,13 +374,11 @@ def _pp4_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     _step(chunks, _data(), comm)
     _check_cuts_agree(_all_states(comm), pp=4, n_cuts=7, aqsgd_samples=None, ef21=("gradients",))
     _write(out_dir, rank, metrics)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_pp4_megatron(tmp_path):
-    mp.spawn(_pp4_worker, args=(4, _free_port(), str(tmp_path)), nprocs=4)
+    spawn(_pp4_worker, 4, str(tmp_path))
     m = _read(str(tmp_path), 4)
     logger.info("pp=4 metrics: %s", m)
     assert m[0]["interleaved"]["avg_bpe"] < m[0]["interleaved"]["warmup_bpe"]

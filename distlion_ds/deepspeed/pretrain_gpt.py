@@ -146,6 +146,10 @@ def main(argv=None) -> int:
                    "params": sum(p.numel() for p in model.parameters())}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info("wrote %s", out / "summary.json")
+    # Tear gloo/NCCL down while the interpreter is whole: a backend left to interpreter finalization can abort a
+    # process (SIGABRT) after a successful run, and the launcher would report the run as failed.
+    dist.barrier()
+    dist.destroy_process_group()
     return 0 if all(math.isfinite(x) for x in losses) else 1
 
 
