@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_contiguous, check_float, use_triton
+from ._dispatch import check_contiguous, check_float, ref_chunks, use_triton
 from ._triton_utils import _cast_rne
 from .signs import _pack_bits, _vote_bits, pack_bits_ref, tie_votes_ref, unpack_bits_ref, vote_bits_ref
 
@@ -78,17 +78,18 @@ def lion_votes_ref(grad: torch.Tensor | None, exp_avg: torch.Tensor, beta1: floa
                    out: torch.Tensor | None = None, nonfinite: torch.Tensor | None = None):
     """Torch reference of :func:`lion_votes` (same arguments and returns)."""
     m = exp_avg.reshape(-1)
+    g = grad.reshape(-1) if grad is not None else None
     a, b = f32(beta1), f32(1.0 - beta1)
-    c = m * a
-    if grad is not None:
-        g = grad.reshape(-1).float()
-        c += g * b  # same rounding as ``m*a + g*b``, one temporary fewer
-        if nonfinite is not None and not bool(torch.isfinite(g).all()):
-            nonfinite.fill_(1)
-    packed = pack_bits_ref(vote_bits_ref(c, step))
     if out is None:
-        return packed, nonfinite
-    out.copy_(packed)
+        out = torch.empty(-(-m.numel() // 8), dtype=torch.uint8, device=m.device)
+    for s, e in ref_chunks(m.numel()):
+        c = m[s:e] * a
+        if g is not None:
+            gc = g[s:e].float()
+            c += gc * b  # same rounding as ``m*a + g*b``, one temporary fewer
+            if nonfinite is not None and not bool(torch.isfinite(gc).all()):
+                nonfinite.fill_(1)
+        out[s // 8:-(-e // 8)] = pack_bits_ref(vote_bits_ref(c, step, s))
     return out, nonfinite
 
 
@@ -165,20 +166,22 @@ def vote_count_ref(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int
     if n_ranks > 255:
         raise ValueError(f"n_ranks={n_ranks}: the reference counts votes in uint8 (at most 255 ranks)")
     n_bytes = recv.shape[1]
-    ones = torch.zeros(n_bytes * 8, dtype=torch.uint8, device=recv.device)  # number of +1 votes, (S+N)/2
-    for r in range(n_ranks):
-        ones += unpack_bits_ref(recv[r], n_bytes * 8)
-    if aggregation == "avg":
-        res = torch.stack([pack_bits_ref(((ones >> k) & 1).bool()) for k in range(nbits)])
-    else:
-        # S > 0 <=> ones > N/2; a tie S == 0 (even N only) <=> ones == N/2.
-        bits = ones > n_ranks // 2
-        if n_ranks % 2 == 0:
-            bits |= (ones == n_ranks // 2) & tie_votes_ref(ones.numel(), step, elem_offset, ones.device)
-        res = pack_bits_ref(bits).unsqueeze(0)
     if out is None:
-        return res
-    out.copy_(res)
+        out = torch.empty(nbits, n_bytes, dtype=torch.uint8, device=recv.device)
+    for s, e in ref_chunks(n_bytes * 8):
+        b0, b1 = s // 8, e // 8
+        ones = torch.zeros(e - s, dtype=torch.uint8, device=recv.device)  # +1 votes per element: (S+N)/2
+        for r in range(n_ranks):
+            ones += unpack_bits_ref(recv[r, b0:b1], e - s)
+        if aggregation == "avg":
+            for k in range(nbits):
+                out[k, b0:b1] = pack_bits_ref(((ones >> k) & 1).bool())
+        else:
+            # S > 0 <=> ones > N/2; a tie S == 0 (even N only) <=> ones == N/2.
+            bits = ones > n_ranks // 2
+            if n_ranks % 2 == 0:
+                bits |= (ones == n_ranks // 2) & tie_votes_ref(e - s, step, elem_offset + s, ones.device)
+            out[0, b0:b1] = pack_bits_ref(bits)
     return out
 
 
@@ -266,19 +269,25 @@ def _lr_delta_ref(agg: torch.Tensor, n: int, n_ranks: int, aggregation: str, lr:
 def lion_apply_ref(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | None, agg: torch.Tensor,
                    n_ranks: int, lr: float, weight_decay: float, beta2: float, aggregation: str) -> None:
     """Torch reference of :func:`lion_apply` (in place on ``param`` and ``exp_avg``)."""
-    n = param.numel()
-    step = _lr_delta_ref(agg, n, n_ranks, aggregation, lr)
     data = param.detach()
-    p32 = data.reshape(-1) if data.dtype == torch.float32 and data.is_contiguous() else data.reshape(-1).float()
-    if weight_decay:
-        p32.mul_(f32(1.0 - lr * weight_decay))
-    p32.sub_(step)
-    if p32.data_ptr() != data.data_ptr():
-        data.copy_(p32.view_as(data))
+    flat = data.reshape(-1)  # a view when contiguous; otherwise a copy, written back below
     m = exp_avg.view(-1)
-    m.mul_(f32(beta2))
-    if grad is not None:
-        m.add_(grad.reshape(-1).float() * f32(1.0 - beta2))
+    g = grad.reshape(-1) if grad is not None else None
+    decay, c2, d2 = f32(1.0 - lr * weight_decay), f32(beta2), f32(1.0 - beta2)
+    for s, e in ref_chunks(flat.numel()):
+        lr_delta = _lr_delta_ref(agg[:, s // 8:-(-e // 8)], e - s, n_ranks, aggregation, lr)
+        p = flat[s:e] if flat.dtype == torch.float32 else flat[s:e].float()  # fp32: in place
+        if weight_decay:
+            p.mul_(decay)
+        p.sub_(lr_delta)
+        if flat.dtype != torch.float32:
+            flat[s:e] = p  # rounded to the parameter's dtype (round to nearest even)
+        mc = m[s:e]
+        mc.mul_(c2)
+        if g is not None:
+            mc.add_(g[s:e].float() * d2)
+    if flat.data_ptr() != data.data_ptr():
+        data.copy_(flat.view_as(data))
 
 
 def lion_apply(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | None, agg: torch.Tensor,

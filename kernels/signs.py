@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_contiguous, check_float, use_triton
+from ._dispatch import check_contiguous, check_float, ref_chunks, use_triton
 
 # 1024 bytes = 8192 elements per program: a 32 KiB fp32 read per program keeps a GPU SM's loads coalesced,
 # and in the CPU interpreter (~2-3 ms per program instance) a 64K-element test is only 8 programs.
@@ -97,7 +97,11 @@ def unpack_bits_ref(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 def pack_signs_ref(x: torch.Tensor, step: int = 1) -> torch.Tensor:
     """Torch reference of :func:`pack_signs`."""
-    return pack_bits_ref(vote_bits_ref(x.reshape(-1).float(), step))
+    flat = x.reshape(-1)
+    out = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8, device=x.device)
+    for s, e in ref_chunks(flat.numel()):
+        out[s // 8:-(-e // 8)] = pack_bits_ref(vote_bits_ref(flat[s:e].float(), step, s))
+    return out
 
 
 def unpack_signs_ref(packed: torch.Tensor, numel: int) -> torch.Tensor:
