@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._dispatch import check_contiguous, check_float, ref_chunks, use_triton
 from ._triton_utils import _cast_rne
-from .signs import _pack_bits, _vote_bits, pack_bits_ref, tie_votes_ref, unpack_bits_ref, vote_bits_ref
+from .signs import _pack_bits, _vote_bits, byte_bits_table, pack_votes_ref, tie_byte_ref, unpack_bits_ref
 
 # Same tile as the sign kernels: 1024 packed bytes = 8192 elements per program (see signs.py).
 _BLOCK_BYTES = 1024
@@ -85,11 +85,13 @@ def lion_votes_ref(grad: torch.Tensor | None, exp_avg: torch.Tensor, beta1: floa
     for s, e in ref_chunks(m.numel()):
         c = m[s:e] * a
         if g is not None:
-            gc = g[s:e].float()
-            c += gc * b  # same rounding as ``m*a + g*b``, one temporary fewer
-            if nonfinite is not None and not bool(torch.isfinite(gc).all()):
+            gb = g[s:e].float() * b
+            c += gb  # same rounding as ``m*a + g*b``
+            # g*b is finite exactly where g is (0 < b < 1), and a sum is finite only if every term is: one cheap
+            # reduction screens the chunk, the exact test runs only when the sum is not finite (NaN/Inf or overflow).
+            if nonfinite is not None and not bool(torch.isfinite(gb.sum())) and not bool(torch.isfinite(gb).all()):
                 nonfinite.fill_(1)
-        out[s // 8:-(-e // 8)] = pack_bits_ref(vote_bits_ref(c, step, s))
+        out[s // 8:-(-e // 8)] = pack_votes_ref(c, step, s)
     return out, nonfinite
 
 
@@ -163,25 +165,35 @@ def vote_count_ref(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference of :func:`vote_count`."""
     nbits = aggregate_bits(aggregation, n_ranks)
-    if n_ranks > 255:
-        raise ValueError(f"n_ranks={n_ranks}: the reference counts votes in uint8 (at most 255 ranks)")
     n_bytes = recv.shape[1]
     if out is None:
         out = torch.empty(nbits, n_bytes, dtype=torch.uint8, device=recv.device)
+    count_bits, half = aggregate_bits("avg", n_ranks), n_ranks // 2  # a count of 0..N needs ceil(log2(N+1)) bits
     for s, e in ref_chunks(n_bytes * 8):
-        b0, b1 = s // 8, e // 8
-        ones = torch.zeros(e - s, dtype=torch.uint8, device=recv.device)  # +1 votes per element: (S+N)/2
+        # A bit-sliced counter: plane k holds bit k of every element's number of +1 votes, (S+N)/2, 8 elements
+        # per byte, so the votes are added with bitwise ops on the packed bytes (never unpacked).
+        planes = [torch.zeros(-(-(e - s) // 8), dtype=torch.uint8, device=recv.device) for _ in range(count_bits)]
         for r in range(n_ranks):
-            ones += unpack_bits_ref(recv[r, b0:b1], e - s)
+            carry = recv[r, s // 8:-(-e // 8)]
+            for k in range(count_bits):
+                planes[k], carry = planes[k] ^ carry, planes[k] & carry
         if aggregation == "avg":
             for k in range(nbits):
-                out[k, b0:b1] = pack_bits_ref(((ones >> k) & 1).bool())
-        else:
-            # S > 0 <=> ones > N/2; a tie S == 0 (even N only) <=> ones == N/2.
-            bits = ones > n_ranks // 2
-            if n_ranks % 2 == 0:
-                bits |= (ones == n_ranks // 2) & tie_votes_ref(e - s, step, elem_offset + s, ones.device)
-            out[0, b0:b1] = pack_bits_ref(bits)
+                out[k, s // 8:-(-e // 8)] = planes[k]
+            continue
+        # MaVo: S > 0 <=> count > N//2; a tie S == 0 (even N) <=> count == N/2. Compare the planes with N//2 from
+        # the top bit down: ``above`` once a higher bit decided, ``equal`` while every bit so far matched.
+        above = torch.zeros_like(planes[0])
+        equal = torch.full_like(planes[0], 0xFF)
+        for k in reversed(range(count_bits)):
+            if (half >> k) & 1:
+                equal &= planes[k]
+            else:
+                above |= equal & planes[k]
+                equal &= ~planes[k]
+        if n_ranks % 2 == 0:
+            above |= equal & tie_byte_ref(step, elem_offset + s)
+        out[0, s // 8:-(-e // 8)] = above
     return out
 
 
@@ -253,17 +265,18 @@ def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, n_ranks, dec
 def _lr_delta_ref(agg: torch.Tensor, n: int, n_ranks: int, aggregation: str, lr: float) -> torch.Tensor:
     """``Delta * lr`` per element in fp32, rounded exactly as the kernel rounds ``delta * lr``.
 
-    Delta takes at most N+1 values, so they are computed once (in the kernel's fp32 operations) and looked up.
+    Delta takes at most N+1 values, so they are computed once (in the kernel's fp32 operations) and looked up;
+    MaVo looks up whole bytes: row ``v`` of a [256, 8] table holds the 8 values of packed byte ``v``.
     """
     if aggregation == "mavo":
-        table = torch.tensor([-1.0, 1.0], dtype=torch.float32, device=agg.device) * f32(lr)
-        return table[unpack_bits_ref(agg[0], n).long()]
+        table = (byte_bits_table(agg.device).float() * 2 - 1) * f32(lr)  # delta = +-1 exactly, times lr
+        return table.index_select(0, agg[0].long()).view(-1)[:n]
     q = torch.zeros(n, dtype=torch.uint8, device=agg.device)
     for k in range(aggregate_bits(aggregation, n_ranks)):
         q |= unpack_bits_ref(agg[k], n) << k
     values = torch.arange(n_ranks + 1, dtype=torch.int32, device=agg.device)
     table = (2 * values - n_ranks).float() / float(n_ranks) * f32(lr)
-    return table[q.long()]
+    return table.index_select(0, q.long())
 
 
 def lion_apply_ref(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | None, agg: torch.Tensor,

@@ -57,21 +57,19 @@ def _unpack_signs_kernel(packed_ptr, out_ptr, n, BLOCK_BYTES: tl.constexpr):
     tl.store(out_ptr + idx, (2 * bits - 1).to(tl.int8), mask=mask)
 
 
-def tie_votes_ref(n: int, step: int, offset: int = 0, device=None) -> torch.Tensor:
-    """The zero rule's votes (True = +1) for flat indices ``offset .. offset+n-1``: +1 where ``(j+step)`` is even.
+def tie_byte_ref(step: int, offset: int = 0) -> int:
+    """The zero rule's votes for the 8 elements of one packed byte, as a byte (bit i = element ``j0 + i``).
 
-    Built as a repeated 2-pattern (1 byte per element) rather than from an int64 ``arange`` (8 bytes per element):
-    the CPU path runs this on 100M-element buckets.
+    +1 where ``(j + step)`` is even. Every byte of a tensor whose first element has flat index ``offset`` starts at
+    an index ``j0`` of the parity of ``offset``, so one byte describes them all.
     """
-    first_even = (offset + step) % 2 == 0
-    pattern = torch.tensor([first_even, not first_even], device=device)
-    return pattern.repeat(-(-n // 2))[:n]
+    return 0x55 if (offset + step) % 2 == 0 else 0xAA
 
 
-def vote_bits_ref(c: torch.Tensor, step: int, offset: int = 0) -> torch.Tensor:
-    """Boolean votes (True = +1) of a flat tensor whose first element has flat index ``offset``."""
+def pack_votes_ref(c: torch.Tensor, step: int, offset: int = 0) -> torch.Tensor:
+    """Packed votes (bit 1 = +1) of a flat float tensor whose first element has flat index ``offset``."""
     # "not < 0" is "> 0, == 0 or NaN": where the zero rule says +1, only a negative value votes -1.
-    return (c > 0) | (tie_votes_ref(c.numel(), step, offset, c.device) & ~(c < 0))
+    return pack_bits_ref(c > 0) | (pack_bits_ref(~(c < 0)) & tie_byte_ref(step, offset))
 
 
 # Byte i of a little-endian int64 whose 8 bytes are each 0 or 1 lands, multiplied by this constant, on bit 56+i of
@@ -81,7 +79,7 @@ _PACK_MAGIC = 0x0102040810204080
 
 
 def pack_bits_ref(bits: torch.Tensor) -> torch.Tensor:
-    """Flat booleans -> uint8[ceil(n/8)], LSB first, padding bits 0."""
+    """Flat booleans (or 0/1 integers) -> uint8[ceil(n/8)], LSB first, padding bits 0."""
     n = bits.numel()
     n_bytes = -(-n // 8)
     padded = torch.zeros(n_bytes * 8, dtype=torch.uint8, device=bits.device)
@@ -89,10 +87,22 @@ def pack_bits_ref(bits: torch.Tensor) -> torch.Tensor:
     return ((padded.view(torch.int64) * _PACK_MAGIC) >> 56).to(torch.uint8)
 
 
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def byte_bits_table(device: torch.device) -> torch.Tensor:
+    """uint8 [256, 8]: row ``v`` holds the bits of byte value ``v``, LSB first."""
+    table = _BYTE_BITS.get(device)
+    if table is None:
+        table = (torch.arange(256, device=device).reshape(-1, 1) >> torch.arange(8, device=device)) & 1
+        table = _BYTE_BITS[device] = table.to(torch.uint8)
+    return table
+
+
 def unpack_bits_ref(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """uint8 bytes -> the first ``numel`` bits as uint8 0/1."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel]
+    """uint8 bytes -> the first ``numel`` bits as uint8 0/1 (one table row per byte: 2x faster than shifts)."""
+    rows = byte_bits_table(packed.device).index_select(0, packed.reshape(-1).long())
+    return rows.view(-1)[:numel]
 
 
 def pack_signs_ref(x: torch.Tensor, step: int = 1) -> torch.Tensor:
@@ -100,7 +110,7 @@ def pack_signs_ref(x: torch.Tensor, step: int = 1) -> torch.Tensor:
     flat = x.reshape(-1)
     out = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8, device=x.device)
     for s, e in ref_chunks(flat.numel()):
-        out[s // 8:-(-e // 8)] = pack_bits_ref(vote_bits_ref(flat[s:e].float(), step, s))
+        out[s // 8:-(-e // 8)] = pack_votes_ref(flat[s:e].float(), step, s)
     return out
 
 

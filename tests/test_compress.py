@@ -26,7 +26,6 @@ from distlion_ds.compress import (
     available_codecs,
     build_codec,
 )
-from distlion_ds.compress.codecs import pack_bits, unpack_bits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -117,16 +116,6 @@ def test_registry():
         build_codec({"method": "quantize", "bits": 5})
     with pytest.raises(ValueError, match="provider"):
         build_codec("none", provider="cuda")
-
-
-def test_pack_bits_roundtrip():
-    g = torch.Generator().manual_seed(0)
-    for n in (1, 7, 8, 9, 1001):
-        b = torch.rand(n, generator=g) < 0.3
-        p = pack_bits(b)
-        assert p.dtype == torch.uint8 and p.numel() == -(-n // 8)
-        assert torch.equal(unpack_bits(p, n), b)
-    assert pack_bits(torch.tensor([True, False, False, False, False, False, False, False, True])).tolist() == [1, 1]
 
 
 # ----------------------------------------------------------------------------------------------------- codecs

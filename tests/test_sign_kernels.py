@@ -15,7 +15,14 @@ from distlion_ds.kernels.lion import (
     vote_count,
     vote_count_ref,
 )
-from distlion_ds.kernels.signs import pack_signs, pack_signs_ref, unpack_signs, unpack_signs_ref
+from distlion_ds.kernels.signs import (
+    pack_bits_ref,
+    pack_signs,
+    pack_signs_ref,
+    unpack_bits_ref,
+    unpack_signs,
+    unpack_signs_ref,
+)
 from distlion_ds.optim.lion import dlion_update_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -71,6 +78,18 @@ def test_zero_rule_alternates_and_never_drifts():
     v1, v2 = unpack_signs(pack_signs(z, step=1), 9), unpack_signs(pack_signs(z, step=2), 9)
     assert v1.tolist() == [-1, 1, -1, 1, -1, 1, -1, 1, -1]
     assert (v1 + v2).abs().sum() == 0
+
+
+def test_pack_bits_roundtrip_and_layout():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 8, 9, 1001):
+        b = torch.rand(n, generator=g) < 0.3
+        p = pack_bits_ref(b)
+        assert p.dtype == torch.uint8 and p.numel() == -(-n // 8)
+        assert torch.equal(unpack_bits_ref(p, n), b.to(torch.uint8))
+    assert pack_bits_ref(torch.tensor([True, False, False, False, False, False, False, False, True])).tolist() == [1, 1]
+    every_byte = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(pack_bits_ref(unpack_bits_ref(every_byte, 2048)), every_byte)
 
 
 def test_pack_signs_nan_inf_and_noncontiguous():
@@ -134,7 +153,7 @@ def test_lion_votes_into_bucket_slice_and_inf_flag():
 
 
 @pytest.mark.parametrize("aggregation", ["mavo", "avg"])
-@pytest.mark.parametrize("n_ranks", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n_ranks", [1, 2, 3, 4, 5, 8, 16, 31])
 def test_vote_count_matches_reference_and_sum_of_votes(n_ranks, aggregation):
     n_bytes = 1500
     gen = torch.Generator().manual_seed(n_ranks)
@@ -177,10 +196,17 @@ def test_lion_apply_matches_reference(dtype, aggregation):
         assert not torch.equal(pk, p0)
 
 
+@pytest.mark.parametrize("path", ["triton", "torch"])
 @pytest.mark.parametrize("aggregation", ["mavo", "avg"])
 @pytest.mark.parametrize("n_ranks", [1, 2, 3, 4])
-def test_kernel_pipeline_equals_dlion_reference(n_ranks, aggregation):
-    """Votes of N simulated ranks -> count -> apply == the sum-of-votes reference update (DESIGN 3.1)."""
+def test_kernel_pipeline_equals_dlion_reference(n_ranks, aggregation, path):
+    """Votes of N simulated ranks -> count -> apply == the sum-of-votes reference update (DESIGN 3.1).
+
+    Both the kernels and the torch references (the CPU path, here in 296-element chunks) against the independent
+    oracle of optim/lion.py.
+    """
+    votes_fn, count_fn, apply_fn = {"triton": (lion_votes, vote_count, lion_apply),
+                                    "torch": (lion_votes_ref, vote_count_ref, lion_apply_ref)}[path]
     n, step, lr, betas, wd = 1003, 6, 0.003, (0.9, 0.99), 0.01
     gen = torch.Generator().manual_seed(11 * n_ranks)
     p = torch.randn(n, generator=gen)
@@ -193,11 +219,11 @@ def test_kernel_pipeline_equals_dlion_reference(n_ranks, aggregation):
     want_p, want_m = dlion_update_ref(p, grads, moms, lr, betas, wd, step, aggregation)
 
     n_bytes = math.ceil(n / 8)
-    recv = torch.stack([lion_votes(g, m, betas[0], step)[0] for g, m in zip(grads, moms, strict=True)])
-    agg = vote_count(recv.view(n_ranks, n_bytes), n_ranks, aggregation, step)
+    recv = torch.stack([votes_fn(g, m, betas[0], step)[0] for g, m in zip(grads, moms, strict=True)])
+    agg = count_fn(recv.view(n_ranks, n_bytes), n_ranks, aggregation, step)
     for r in range(n_ranks):
         pr, mr = p.clone(), moms[r].clone()
-        lion_apply(pr, mr, grads[r], agg, n_ranks, lr, wd, betas[1], aggregation)
+        apply_fn(pr, mr, grads[r], agg, n_ranks, lr, wd, betas[1], aggregation)
         torch.testing.assert_close(pr, want_p, atol=0, rtol=0)
         torch.testing.assert_close(mr, want_m[r], atol=0, rtol=0)
 

@@ -41,11 +41,12 @@ def _kernels(provider: Provider) -> dict[str, Any]:
     # Imported on first use: loading a config or building a codec must not import triton.
     from distlion_ds import kernels
 
+    bits = {"pack_bits": kernels.signs.pack_bits_ref, "unpack_bits": kernels.signs.unpack_bits_ref}  # torch ops
     if provider == "torch":
         return {"quantize": kernels.quantize_ref, "dequantize": kernels.dequantize_ref,
-                "topk_select": kernels.topk_select_ref, "topk_scatter": kernels.topk_scatter_ref}
+                "topk_select": kernels.topk_select_ref, "topk_scatter": kernels.topk_scatter_ref, **bits}
     return {"quantize": kernels.quantize, "dequantize": kernels.dequantize,
-            "topk_select": kernels.topk_select, "topk_scatter": kernels.topk_scatter}
+            "topk_select": kernels.topk_select, "topk_scatter": kernels.topk_scatter, **bits}
 
 
 def as_dtype(payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -55,22 +56,6 @@ def as_dtype(payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if payload.data_ptr() % dtype.itemsize or payload.storage_offset() % dtype.itemsize:
         payload = payload.clone()
     return payload.view(dtype)
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Booleans -> uint8, bit ``i`` (LSB first) of byte ``j`` = ``bits[8j + i]``; padding bits 0."""
-    n = bits.numel()
-    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=bits.device)
-    padded[:n] = bits.reshape(-1)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
-    # The eight fields are disjoint, so the sum is an OR and never exceeds 255.
-    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` bits as booleans."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.reshape(-1, 1) >> shifts) & 1).view(-1)[:n].bool()
 
 
 class Codec(ABC):
@@ -210,18 +195,19 @@ class TopKCodec(Codec):
         if k == 0:
             return
         # Indices come back ascending (the kernel contract), which is what both index encodings rely on.
-        values, idx = _kernels(self.provider)["topk_select"](flat, k)
+        ops = _kernels(self.provider)
+        values, idx = ops["topk_select"](flat, k)
         vbytes = k * t.dtype.itemsize
         out[:vbytes].copy_(values.reshape(-1).view(torch.uint8))
         layout, _ = self._index_layout(numel)
         if layout == "bitmap":
             mask = torch.zeros(numel, dtype=torch.bool, device=t.device)
             mask[idx] = True
-            out[vbytes:].copy_(pack_bits(mask))
+            out[vbytes:].copy_(ops["pack_bits"](mask))
         else:
             w = self.index_width(numel)
             shifts = torch.arange(w, dtype=torch.int64, device=t.device)
-            out[vbytes:].copy_(pack_bits((idx.reshape(-1, 1) >> shifts) & 1))
+            out[vbytes:].copy_(ops["pack_bits"]((idx.reshape(-1, 1) >> shifts) & 1))
 
     def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         self._check_payload(payload, shape, dtype)
@@ -229,18 +215,19 @@ class TopKCodec(Codec):
         k = self.k(numel)
         if k == 0:
             return torch.zeros(tuple(shape), dtype=dtype, device=payload.device)
+        ops = _kernels(self.provider)
         vbytes = k * dtype.itemsize
         values = as_dtype(payload[:vbytes], dtype)
         layout, _ = self._index_layout(numel)
         if layout == "bitmap":
-            idx = unpack_bits(payload[vbytes:], numel).nonzero().view(-1)
+            idx = ops["unpack_bits"](payload[vbytes:], numel).nonzero().view(-1)
             if idx.numel() != k:
                 raise ValueError(f"topk payload bitmap has {idx.numel()} bits set, expected k={k}")
         else:
             w = self.index_width(numel)
-            bits = unpack_bits(payload[vbytes:], k * w).view(k, w).to(torch.int64)
+            bits = ops["unpack_bits"](payload[vbytes:], k * w).view(k, w).to(torch.int64)
             idx = (bits << torch.arange(w, dtype=torch.int64, device=payload.device)).sum(dim=1)
-        return _kernels(self.provider)["topk_scatter"](values, idx, numel, dtype).view(tuple(shape))
+        return ops["topk_scatter"](values, idx, numel, dtype).view(tuple(shape))
 
 
 @register_codec
