@@ -7,7 +7,7 @@ Usage (root; on a 2-core CPU machine the default run takes ~75 min):
 Scenarios (per network condition, every method of a scenario runs on the same link, so ratios compare like runs):
   dp          4 hosts, data parallel: fp32 gradient all-reduce + AdamW (DeepSpeed's ZeRO-0 path, written with
               torch) vs D-Lion MaVo vs D-Lion Avg on GPT models of ~10M and ~55M parameters (real forward/backward
-              on one 64-token sequence per rank); ``*_fastcpu`` = D-Lion with fastcpu.py's bit-identical kernels.
+              on one 64-token sequence per rank).
   pp          2 hosts, pipeline pp=2 (GPipe, a GPT split in two): uncompressed vs TopK-10 % vs 4-bit vs AQ-SGD
               frames (distlion_ds.compress.PipeCompressor) for activations and gradients over torch.distributed
               send/recv, plus isolated stage-to-stage transfers of the same tensors (15 each, median).
@@ -42,8 +42,8 @@ from .netns import SlowNet, check_prerequisites, cleanup_stale, parse_latency, p
 
 logger = logging.getLogger("slownet")
 
-DP_METHODS = ["fp32_allreduce", "dlion_mavo", "dlion_avg", "dlion_mavo_fastcpu", "dlion_avg_fastcpu"]
-PP_METHODS = ["uncompressed", "topk10", "q4", "aqsgd", "topk10_fastcpu"]
+DP_METHODS = ["fp32_allreduce", "dlion_mavo", "dlion_avg"]
+PP_METHODS = ["uncompressed", "topk10", "q4", "aqsgd"]
 
 
 def _worker_env(dev: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="gpt10m,gpt50m", help="dp models (benchmarks/slownet/models.py)")
     ap.add_argument("--batch", type=int, default=1, help="dp: sequences per rank per step")
     ap.add_argument("--dp-methods", default=",".join(DP_METHODS), help="must include fp32_allreduce (baseline)")
-    ap.add_argument("--d3-methods", default="fp32+uncompressed,dlion_mavo+topk10,dlion_mavo+topk10_fastcpu",
+    ap.add_argument("--d3-methods", default="fp32+uncompressed,dlion_mavo+topk10",
                     help="3d scenario; the first one is the baseline")
     ap.add_argument("--pp-methods", default=",".join(PP_METHODS), help="must include 'uncompressed' (baseline)")
     ap.add_argument("--dp-hosts", type=int, default=4)

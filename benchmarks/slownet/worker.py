@@ -95,17 +95,6 @@ def _n_steps(p: dict, estimate_s: float) -> int:
     return int(_agree(max(p["min_steps"], min(p["steps"], n))))
 
 
-def _cpu_path(method: str) -> None:
-    """``*_fastcpu*`` methods run with benchmarks/slownet/fastcpu.py's kernels (bit-identical), the rest with the
-    package as it is."""
-    from . import fastcpu
-
-    if "_fastcpu" in method:
-        fastcpu.install()
-    else:
-        fastcpu.uninstall()
-
-
 # ---------------------------------------------------------------------------------------------- data parallel
 def _fp32_allreduce(params, world: int, adamw: torch.optim.Optimizer):
     """DeepSpeed's default DP path (ZeRO-0, fp32): flatten the gradients into one bucket (reduce_bucket_size is
@@ -156,16 +145,15 @@ def run_dp(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
         x, y = token_batch(cfg, p["batch"], seed=1000 + rank)
         for method in p["methods"]:
             model.load_state_dict(init)
-            _cpu_path(method)
             if method == "fp32_allreduce":
                 adamw = torch.optim.AdamW(params, lr=1e-4)
                 opt_step = functools.partial(_fp32_allreduce, params, world, adamw)
                 ring = 2 * (world - 1) / world * 4 * n_params  # ring all-reduce: bytes each rank sends
                 payload = lambda ring=ring: ring  # noqa: E731
             else:
-                # dlion_<mavo|avg>[_fastcpu][_bucketK]: _bucketK sets bucket_numel = 2**K (default 2**25)
+                # dlion_<mavo|avg>[_bucketK]: _bucketK sets bucket_numel = 2**K (default 2**25)
                 name, _, bucket = method.partition("_bucket")
-                agg = name.removeprefix("dlion_").removesuffix("_fastcpu")
+                agg = name.removeprefix("dlion_")
                 kw = {"bucket_numel": 1 << int(bucket)} if bucket else {}
                 opt = DistributedLion(params, lr=1e-4, aggregation=agg, **kw)
                 opt_step = opt.step
@@ -240,9 +228,8 @@ def run_pp(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
     out = []
     for method in p["methods"]:
         stage.load_state_dict(init)
-        _cpu_path(method)
         adamw = torch.optim.AdamW(stage.parameters(), lr=1e-4)
-        state = CompressionState(CompressionConfig.from_json(PP_METHODS[method.removesuffix("_fastcpu")]))
+        state = CompressionState(CompressionConfig.from_json(PP_METHODS[method]))
         pc = PipeCompressor(state, sample_dim=1)
         timers = {"encode_s": 0.0, "decode_s": 0.0}
 

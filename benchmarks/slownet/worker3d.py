@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from . import worker
 from .models import GPTConfig
-from .worker import PP_METHODS, TIMER, _agree, _barrier, _cpu_path, netdev
+from .worker import PP_METHODS, TIMER, _agree, _barrier, netdev
 
 # 4 blocks (2 per stage), heads and MLP split over TP=2; ~21M parameters, ~7.4M per rank (embedding or head
 # replicated over TP, as without a vocab-parallel embedding).
@@ -31,7 +31,6 @@ GPT3D = GPTConfig(vocab=8192, d_model=512, n_layers=4, n_heads=8, seq_len=64)
 METHODS_3D = {
     "fp32+uncompressed": ("fp32_allreduce", "uncompressed"),
     "dlion_mavo+topk10": ("dlion_mavo", "topk10"),
-    "dlion_mavo+topk10_fastcpu": ("dlion_mavo", "topk10"),
 }
 
 
@@ -64,7 +63,6 @@ def run_3d(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
     for method in p["methods"]:
         dp_method, pp_method = METHODS_3D[method]
         stage.load_state_dict(init)
-        _cpu_path(method)
         if dp_method == "fp32_allreduce":
             adamw = torch.optim.AdamW(params, lr=1e-4)
 
