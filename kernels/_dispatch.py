@@ -41,10 +41,9 @@ def check_float(name: str, t: torch.Tensor) -> None:
 # The torch references are also the CPU path, and on CPU they run on whole buckets (10^7-10^8 elements). Written as
 # whole-tensor expressions, every op allocates a fresh bucket-sized temporary whose pages fault in on first touch;
 # the references therefore walk flat tensors in chunks of this many elements (a multiple of 8, so a chunk starts on
-# a byte of the packed layouts): a chunk's temporaries stay in cache and the allocator reuses them. Same operations
-# per element, so the same bits; 4x faster per D-Lion step on a 2-core VM (benchmarks/bench_kernels.py). Tests set
-# it small to cross chunk boundaries.
-REF_CHUNK = 1 << 18
+# a byte of the packed layouts): a chunk's temporaries (256 KiB in fp32) stay in cache and the allocator reuses them.
+# Same operations per element, so the same bits (tests set it small to cross chunk boundaries everywhere).
+REF_CHUNK = 1 << 16
 
 
 def ref_chunks(n: int, multiple: int = 8):
