@@ -43,8 +43,10 @@ def main(argv=None) -> int:
     codes8, scales8 = K.quantize(x, 8, 256)
     vals, idx = K.topk_select(x, k)
 
-    copy_src = torch.empty(n, dtype=torch.float32, device=device)
-    copy_dst = torch.empty_like(copy_src)
+    # Written memory on both sides: never-touched CPU pages all map the kernel's zero page, which turns the "copy"
+    # into a cache-resident read and its bandwidth into fiction (172 GB/s measured on the 2-core VM).
+    copy_src = x.clone()
+    copy_dst = torch.zeros_like(copy_src)
     t_copy = timeit(lambda: copy_dst.copy_(copy_src), device)
     copy_bw = 2 * 4 * n / t_copy  # bytes read + written
 
