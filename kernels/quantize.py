@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_contiguous, check_float, use_triton
+from ._dispatch import check_contiguous, check_float, ref_chunks, use_triton
 from ._triton_utils import _cast_rne
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -337,29 +337,41 @@ def quantize_ref(
     n_bytes, n_blocks = payload_sizes(numel, bits, block_size)
     qmax = 2 ** (bits - 1) - 1
     per_byte = 8 // bits
-
-    xf = torch.nn.functional.pad(x.reshape(-1).float(), (0, n_blocks * block_size - numel))
-    xb = xf.view(n_blocks, block_size)
-    finite = torch.isfinite(xb)
-    absmax = torch.where(finite, xb.abs(), 0.0).amax(dim=1)
-    # Tensor / tensor, never tensor / scalar: CUDA turns division by a scalar into multiplication by its
-    # reciprocal, which is not the IEEE-rounded quotient the kernel computes.
-    scale = absmax / torch.full_like(absmax, qmax)
-    nonzero = (scale > 0)[:, None]
-    y = xb / torch.where(nonzero, scale[:, None], 1.0)
-    y = torch.where(finite & nonzero, y, 0.0)
-    if stochastic:
-        idx = torch.arange(n_blocks * block_size, device=x.device, dtype=torch.int64).view(n_blocks, block_size)
-        q = torch.floor(y + _uniform_ref(seed32, idx))
-    else:
-        q = torch.floor(y + 0.5)
-    code = (q.clamp(-qmax, qmax) + qmax).to(torch.int32)
-    code = torch.where(finite, code, 2**bits - 1).view(-1)
-    code[numel:] = 0  # padding codes
-
+    flat = x.reshape(-1)
+    codes = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     shifts = torch.arange(per_byte, device=x.device, dtype=torch.int32) * bits
-    packed = (code.view(-1, per_byte) << shifts).sum(dim=1)  # disjoint bit fields: sum == OR
-    return packed[:n_bytes].to(torch.uint8), scale
+    # Whole blocks per chunk; a block's codes start on a byte (block_size is a multiple of 8).
+    for s, e in ref_chunks(numel, multiple=block_size):
+        b0, b1 = s // block_size, -(-e // block_size)
+        xf = torch.nn.functional.pad(flat[s:e].float(), (0, (b1 - b0) * block_size - (e - s)))
+        xb = xf.view(b1 - b0, block_size)
+        # A sum is finite only if every element is: one reduction tells whether the NaN/Inf masks can be skipped.
+        finite = None if bool(torch.isfinite(xf.sum())) else torch.isfinite(xb)
+        absmax = (xb.abs() if finite is None else torch.where(finite, xb.abs(), 0.0)).amax(dim=1)
+        # Tensor / tensor, never tensor / scalar: CUDA turns division by a scalar into multiplication by its
+        # reciprocal, which is not the IEEE-rounded quotient the kernel computes.
+        scale = absmax / torch.full_like(absmax, qmax)
+        nonzero = (scale > 0)[:, None]
+        y = xb / torch.where(nonzero, scale[:, None], 1.0)
+        if finite is not None:
+            y = torch.where(finite & nonzero, y, 0.0)
+        elif not bool(nonzero.all()):  # a zero scale (all zeros, or a subnormal absmax / qmax): y must be exactly 0
+            y = torch.where(nonzero, y, 0.0)
+        if stochastic:
+            idx = torch.arange(s, s + xf.numel(), device=x.device, dtype=torch.int64).view(b1 - b0, block_size)
+            q = torch.floor(y + _uniform_ref(seed32, idx))
+        else:
+            q = torch.floor(y + 0.5)
+        code = (q.clamp(-qmax, qmax) + qmax).to(torch.int32)
+        if finite is not None:
+            code = torch.where(finite, code, 2**bits - 1)
+        code = code.view(-1)
+        code[e - s:] = 0  # padding codes
+        packed = (code.view(-1, per_byte) << shifts).sum(dim=1)  # disjoint bit fields: sum == OR
+        codes[s * bits // 8: -(-e * bits // 8)] = packed[: -(-(e - s) * bits // 8)].to(torch.uint8)
+        scales[b0:b1] = scale
+    return codes, scales
 
 
 def dequantize_ref(codes: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int, numel: int,
@@ -369,8 +381,14 @@ def dequantize_ref(codes: torch.Tensor, scales: torch.Tensor, bits: int, block_s
     qmax = 2 ** (bits - 1) - 1
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
-    code = ((codes.reshape(-1).to(torch.int32)[:, None] >> shifts) & (2**bits - 1)).view(-1)[:numel]
-    block_of = torch.arange(numel, device=codes.device) // block_size
-    val = (code - qmax).to(torch.float32) * scales.reshape(-1)[block_of]
-    val = torch.where(code == 2**bits - 1, math.nan, val)
-    return val.to(dtype)
+    flat_codes, flat_scales = codes.reshape(-1), scales.reshape(-1)
+    out = torch.empty(numel, dtype=dtype, device=codes.device)
+    for s, e in ref_chunks(numel, multiple=block_size):
+        b0, b1 = s // block_size, -(-e // block_size)
+        chunk = flat_codes[s * bits // 8: -(-e * bits // 8)].to(torch.int32)
+        code = ((chunk[:, None] >> shifts) & (2**bits - 1)).view(-1)
+        code = torch.nn.functional.pad(code, (0, (b1 - b0) * block_size - code.numel()))
+        val = (code - qmax).to(torch.float32).view(b1 - b0, block_size) * flat_scales[b0:b1, None]
+        val = torch.where(code.view(b1 - b0, block_size) == 2**bits - 1, math.nan, val)
+        out[s:e] = val.view(-1)[: e - s]  # rounded to dtype (round to nearest even)
+    return out

@@ -22,6 +22,13 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 7, 8, 1000, 4099, 20001]
 
 
+@pytest.fixture(autouse=True)
+def _small_ref_chunks(monkeypatch):
+    # The references walk their inputs in chunks of whole blocks (the CPU path's speed); 296 elements make every
+    # multi-block test tensor cross chunk boundaries (one block per chunk for blocks of 296 and more).
+    monkeypatch.setattr(_dispatch, "REF_CHUNK", 296)
+
+
 def test_suite_runs_the_triton_kernels():
     # Without the interpreter every comparison below would compare the reference with itself.
     assert _dispatch.INTERPRET
@@ -287,3 +294,17 @@ def test_bad_arguments_name_the_argument():
             fn(codes, scales, 3, 64, 64, torch.float32)
         with pytest.raises(ValueError, match="block_size"):
             fn(codes, scales, 4, 60, 64, torch.float32)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_subnormal_block_whose_scale_underflows(stochastic):
+    # absmax / qmax rounds to 0 for a block of the smallest subnormals: the block must encode like a zero block
+    # (the reference skips its NaN/zero masks when a chunk is all finite and every scale is nonzero, not here).
+    # Seed 0 draws u = 0 at index 0, where -1e-45 + u would floor to -1 if the block were not zeroed first.
+    tiny = torch.tensor([-1e-45, 1e-45] * 32)
+    x = torch.cat([tiny, torch.randn(64, generator=torch.Generator().manual_seed(3))])
+    assert _uniform_ref(0, torch.zeros(1, dtype=torch.int64)).item() == 0.0
+    for bits in (4, 8):  # qmax >= 7 (2-bit's qmax of 1 keeps the subnormal scale)
+        codes, scales = _both(x, bits, 64, stochastic=stochastic, seed=0 if stochastic else None)
+        assert scales[0] == 0 and scales[1] > 0
+        assert _unpack(codes, bits, 64).tolist() == [2 ** (bits - 1) - 1] * 64
