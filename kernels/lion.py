@@ -262,20 +262,25 @@ def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, n_ranks, dec
     tl.store(m_ptr + idx, m, mask=mask)
 
 
-def _lr_delta_ref(agg: torch.Tensor, n: int, n_ranks: int, aggregation: str, lr: float) -> torch.Tensor:
-    """``Delta * lr`` per element in fp32, rounded exactly as the kernel rounds ``delta * lr``.
+def _lr_delta_table_ref(n_ranks: int, aggregation: str, lr: float, device) -> torch.Tensor:
+    """``Delta * lr`` for every aggregate value, in fp32, rounded exactly as the kernel rounds ``delta * lr``.
 
-    Delta takes at most N+1 values, so they are computed once (in the kernel's fp32 operations) and looked up;
-    MaVo looks up whole bytes: row ``v`` of a [256, 8] table holds the 8 values of packed byte ``v``.
+    MaVo: [256, 8], row ``v`` the 8 values of packed byte ``v`` (Delta = +-1 exactly). Avg: [N+1], entry ``q`` the
+    value of ``(2q - N) / N`` (computed once in the kernel's fp32 operations, then looked up).
     """
     if aggregation == "mavo":
-        table = (byte_bits_table(agg.device).float() * 2 - 1) * f32(lr)  # delta = +-1 exactly, times lr
+        return (byte_bits_table(device).float() * 2 - 1) * f32(lr)
+    values = torch.arange(n_ranks + 1, dtype=torch.int32, device=device)
+    return (2 * values - n_ranks).float() / float(n_ranks) * f32(lr)
+
+
+def _lr_delta_ref(table: torch.Tensor, agg: torch.Tensor, n: int, n_ranks: int, aggregation: str) -> torch.Tensor:
+    """``Delta * lr`` of ``n`` elements from their packed aggregate, looked up in :func:`_lr_delta_table_ref`."""
+    if aggregation == "mavo":
         return table.index_select(0, agg[0].long()).view(-1)[:n]
     q = torch.zeros(n, dtype=torch.uint8, device=agg.device)
     for k in range(aggregate_bits(aggregation, n_ranks)):
         q |= unpack_bits_ref(agg[k], n) << k
-    values = torch.arange(n_ranks + 1, dtype=torch.int32, device=agg.device)
-    table = (2 * values - n_ranks).float() / float(n_ranks) * f32(lr)
     return table.index_select(0, q.long())
 
 
@@ -287,8 +292,9 @@ def lion_apply_ref(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tenso
     m = exp_avg.view(-1)
     g = grad.reshape(-1) if grad is not None else None
     decay, c2, d2 = f32(1.0 - lr * weight_decay), f32(beta2), f32(1.0 - beta2)
+    table = _lr_delta_table_ref(n_ranks, aggregation, lr, agg.device)
     for s, e in ref_chunks(flat.numel()):
-        lr_delta = _lr_delta_ref(agg[:, s // 8:-(-e // 8)], e - s, n_ranks, aggregation, lr)
+        lr_delta = _lr_delta_ref(table, agg[:, s // 8:-(-e // 8)], e - s, n_ranks, aggregation)
         p = flat[s:e] if flat.dtype == torch.float32 else flat[s:e].float()  # fp32: in place
         if weight_decay:
             p.mul_(decay)

@@ -32,8 +32,7 @@ from ._triton_utils import _cast_rne
 # instance) runs a 64K-element test in 16 programs per pass.
 _BLOCK = 4096  # must stay < 2**16: the write kernel scans two in-tile counts packed in one int32
 _NUM_WARPS = 8
-_NAN_KEY = 0x7FC00000  # canonical quiet-NaN bits: above +Inf (0x7F800000), so NaN ranks as the largest |x|
-_INF_KEY = 0x7F800000
+_INF_KEY = 0x7F800000  # +Inf's bits; every NaN's key is above it, so NaN ranks as the largest |x|
 _SHIFTS = (24, 16, 8, 0)  # keys are < 2**31 (sign bit clear), so the top digit has 7 significant bits
 
 
@@ -44,7 +43,7 @@ _SHIFTS = (24, 16, 8, 0)  # keys are < 2**31 (sign bit clear), so the top digit 
 def _magnitude_key(x):
     """int32 key that orders like |x| (as fp32); every NaN gets the same key, above +Inf's."""
     a = tl.abs(x.to(tl.float32))
-    return tl.where(a != a, 0x7FC00000, a.to(tl.int32, bitcast=True))  # 0x7FC00000 = _NAN_KEY
+    return tl.where(a != a, 0x7FC00000, a.to(tl.int32, bitcast=True))  # canonical quiet NaN, above _INF_KEY
 
 
 # The per-element kernels below read x as a 64-bit scalar base per program plus 32-bit in-tile offsets, and

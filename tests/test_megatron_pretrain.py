@@ -167,16 +167,21 @@ def test_resume_is_exact(pp2_dp2):
 
 
 @pytest.mark.slow
-def test_megatron_gpt_launch(tiny_data, tmp_path):
-    env = _script_env() | {"NPROC": "2"}
-    cmd = ["bash", str(REPO / "launch" / "megatron_gpt.sh"), *BASE, "--pipeline-model-parallel-size", "2",
-           "--global-batch-size", "4", "--optimizer", "adam", "--untie-embeddings-and-output-weights",
-           "--train-iters", "3", "--data-path", tiny_data, "--out", str(tmp_path)]
+def _launch(script: str, env: dict, args: list[str], out: pathlib.Path, timeout: int) -> dict:
+    """Run ``launch/<script>`` as a user would; assert it succeeded and return its summary."""
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    logger.info("launch/megatron_gpt.sh (2 processes, 3 iterations): %.1f s", time.perf_counter() - t0)
+    r = subprocess.run(["bash", str(REPO / "launch" / script), *args, "--out", str(out)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    logger.info("launch/%s: %.1f s", script, time.perf_counter() - t0)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    s = _summary(tmp_path)
+    return _summary(out)
+
+
+def test_megatron_gpt_launch(tiny_data, tmp_path):
+    """2 processes, 3 iterations."""
+    args = [*BASE, "--pipeline-model-parallel-size", "2", "--global-batch-size", "4", "--optimizer", "adam",
+            "--untie-embeddings-and-output-weights", "--train-iters", "3", "--data-path", tiny_data]
+    s = _launch("megatron_gpt.sh", _script_env() | {"NPROC": "2"}, args, tmp_path, timeout=300)
     _check_common(s, 1, 2, 1, 3)
     assert s["tied_embeddings_identical"] is None and s["wire"]["embedding_allreduce"] == 0  # untied
 
@@ -184,13 +189,7 @@ def test_megatron_gpt_launch(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_3d_launch(tiny_data, tmp_path):
     """tp=2 x pp=2 x dp=2 (8 processes on CPU), STEPS=2: measured ~40 s on 2 busy cores, mostly imports."""
-    env = _script_env() | {"STEPS": "2"}
-    cmd = ["bash", str(REPO / "launch" / "3d_gpt.sh"), "--data-path", tiny_data, "--out", str(tmp_path)]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    logger.info("launch/3d_gpt.sh STEPS=2 (8 processes): %.1f s", time.perf_counter() - t0)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    s = _summary(tmp_path)
+    s = _launch("3d_gpt.sh", _script_env() | {"STEPS": "2"}, ["--data-path", tiny_data], tmp_path, timeout=400)
     _check_common(s, 2, 2, 2, 2)
     assert s["tied_embeddings_identical"] is True
     assert s["optimizer"] == "distlion" and s["p2p_compression"].endswith(".json")

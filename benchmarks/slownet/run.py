@@ -26,6 +26,7 @@ Ctrl-C, SIGTERM or failure; each launch is bounded by --launch-timeout-s and the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -179,6 +180,14 @@ def _timed(records: list[dict]) -> list[dict]:
     return [r for r in records if not r["warmup"]]
 
 
+def _per_step(per_rank: list[list[dict]], n: int, field, over=max) -> float:
+    """Median over the ``n`` timed steps of ``over`` (max, sum, fmean) across ranks of one record field.
+
+    ``field`` is a record key or a function of a record."""
+    get = field if callable(field) else (lambda rec: rec[field])
+    return statistics.median(over(get(pr[k]) for pr in per_rank) for k in range(n))
+
+
 def aggregate_dp(ranks: list[dict]) -> list[dict]:
     """Per (model, method): per timed step the max over ranks (the step ends when the slowest rank does),
     then the median over steps. Bytes are per rank per step (mean over ranks)."""
@@ -187,12 +196,7 @@ def aggregate_dp(ranks: list[dict]) -> list[dict]:
         per_rank = [_timed(r["results"][j]["records"]) for r in ranks]
         n = min(len(x) for x in per_rank)
 
-        def med_max(key, per_rank=per_rank, n=n):
-            return statistics.median(max(pr[k][key] for pr in per_rank) for k in range(n))
-
-        def med_mean(key, per_rank=per_rank, n=n):
-            return statistics.median(statistics.fmean(pr[k][key] for pr in per_rank) for k in range(n))
-
+        med = functools.partial(_per_step, per_rank, n)
         steps = [max(pr[k]["compute_s"] for pr in per_rank) + max(pr[k]["opt_s"] for pr in per_rank)
                  for k in range(n)]
         iso = [r["results"][j]["isolated"] for r in ranks]
@@ -201,10 +205,11 @@ def aggregate_dp(ranks: list[dict]) -> list[dict]:
         iso_ops = {op: statistics.median(max(x[k]["by_op"].get(op, 0.0) for x in iso) for k in range(len(iso[0])))
                    for op in ops}
         rows.append(dict(model=res["model"], method=res["method"], n_params=res["n_params"], steps=n,
-                         step_s=statistics.median(steps), compute_s=med_max("compute_s"), opt_s=med_max("opt_s"),
-                         comm_s=med_max("comm_s"), iso_comm_s=iso_comm, iso_by_op=iso_ops,
-                         payload_bytes=med_mean("payload_bytes"),
-                         wire_tx_bytes=med_mean("wire_tx"), wire_rx_bytes=med_mean("wire_rx")))
+                         step_s=statistics.median(steps), compute_s=med("compute_s"), opt_s=med("opt_s"),
+                         comm_s=med("comm_s"), iso_comm_s=iso_comm, iso_by_op=iso_ops,
+                         payload_bytes=med("payload_bytes", statistics.fmean),
+                         wire_tx_bytes=med("wire_tx", statistics.fmean),
+                         wire_rx_bytes=med("wire_rx", statistics.fmean)))
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["method"] == "fp32_allreduce")
         r["step_speedup"] = base["step_s"] / r["step_s"]
@@ -220,13 +225,10 @@ def aggregate_pp(ranks: list[dict]) -> list[dict]:
     for j, res in enumerate(ranks[0]["results"]):
         per_rank = [_timed(r["results"][j]["records"]) for r in ranks]
         n = min(len(x) for x in per_rank)
-        row = dict(method=res["method"], act_shape=res["act_shape"], steps=n,
-                   step_s=statistics.median(max(pr[k]["step_s"] for pr in per_rank) for k in range(n)),
-                   p2p_s=statistics.median(max(pr[k]["p2p_s"] for pr in per_rank) for k in range(n)),
-                   codec_s=statistics.median(max(pr[k]["encode_s"] + pr[k]["decode_s"] for pr in per_rank)
-                                             for k in range(n)),
-                   frames_bytes=statistics.median(sum(pr[k]["frames_sent"] for pr in per_rank) for k in range(n)),
-                   wire_bytes=statistics.median(sum(pr[k]["wire_tx"] for pr in per_rank) for k in range(n)))
+        med = functools.partial(_per_step, per_rank, n)
+        row = dict(method=res["method"], act_shape=res["act_shape"], steps=n, step_s=med("step_s"),
+                   p2p_s=med("p2p_s"), codec_s=med(lambda rec: rec["encode_s"] + rec["decode_s"]),
+                   frames_bytes=med("frames_sent", sum), wire_bytes=med("wire_tx", sum))
         for direction, src in (("activations", 0), ("gradients", 1)):
             sends = [t for t in ranks[src]["results"][j]["transfers"] if t["direction"] == direction]
             recvs = [t for t in ranks[1 - src]["results"][j]["transfers"] if t["direction"] == direction]
@@ -253,16 +255,13 @@ def aggregate_3d(ranks: list[dict]) -> list[dict]:
         per_rank = [_timed(r["results"][j]["records"]) for r in ranks]
         n = min(len(x) for x in per_rank)
 
-        def med_max(key, per_rank=per_rank, n=n):
-            return statistics.median(max(pr[k][key] for pr in per_rank) for k in range(n))
-
+        med = functools.partial(_per_step, per_rank, n)
         rows.append(dict(method=res["method"], steps=n,
                          step_s=statistics.median(max(pr[k]["pipe_s"] for pr in per_rank)
                                                   + max(pr[k]["opt_s"] for pr in per_rank) for k in range(n)),
-                         pipe_s=med_max("pipe_s"), opt_s=med_max("opt_s"), p2p_s=med_max("p2p_s"),
-                         tp_s=med_max("tp_s"), codec_s=med_max("codec_s"), dp_comm_s=med_max("dp_comm_s"),
-                         wire_tx_bytes=statistics.median(statistics.fmean(pr[k]["wire_tx"] for pr in per_rank)
-                                                         for k in range(n))))
+                         pipe_s=med("pipe_s"), opt_s=med("opt_s"), p2p_s=med("p2p_s"),
+                         tp_s=med("tp_s"), codec_s=med("codec_s"), dp_comm_s=med("dp_comm_s"),
+                         wire_tx_bytes=med("wire_tx", statistics.fmean)))
     for r in rows:
         r["step_speedup"] = rows[0]["step_s"] / r["step_s"]
     return rows
