@@ -14,6 +14,9 @@ same Python. Output, under ``--out``:
     meta.json                  corpus, file counts, token counts, vocab size, a fingerprint of the inputs
 
 Idempotent: when ``meta.json`` exists with the same fingerprint (file list, sizes, options), nothing is redone.
+Deterministic: the same corpus and options give the same ``tokenizer.model`` bytes (``meta.json`` records their
+sha256) and the same datasets, whatever the machine's core count or hash seed. The stdlib corpus is the same only
+with the same Python version (``meta.json`` records it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
 import sysconfig
 
@@ -32,6 +36,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+# Part of the dataset fingerprint: bumped when the tokenizer training changes, so caches made before are redone.
+# 2: deterministic line sampling and options (1 was SentencePiece's unseeded shuffle).
+TOKENIZER_RECIPE = 2
 
 
 def stdlib_files() -> list[pathlib.Path]:
@@ -84,6 +91,44 @@ def _fingerprint(docs, opts: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def sample_lines(docs, max_sentences: int) -> list[str]:
+    """The non-blank lines of ``docs`` in document order, thinned to at most ``max_sentences`` by an even stride.
+
+    The stride replaces SentencePiece's own reservoir sampling (``shuffle_input_sentence``), which draws from an
+    unseeded generator: the same corpus gave a different tokenizer on every run, and other demo numbers.
+    """
+    lines = [line for _, text in docs for line in text.splitlines() if line.strip()]
+    if max_sentences <= 0 or len(lines) <= max_sentences:
+        return lines
+    return [lines[i * len(lines) // max_sentences] for i in range(max_sentences)]
+
+
+def train_tokenizer(docs, vocab_size: int, max_sentences: int) -> bytes:
+    """The serialized SentencePiece BPE model trained on ``docs``; the same documents give the same bytes.
+
+    Besides the pieces, the model file records the trainer options: the output is taken as bytes (no
+    ``model_prefix``, which would record the output path) and one thread is used (the thread count is recorded too;
+    on the stdlib corpus training takes ~3 s with 1 thread and ~2.6 s with 2, and the pieces are the same).
+    """
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample_lines(docs, max_sentences)), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True, input_sentence_size=0,
+        shuffle_input_sentence=False, split_digits=True, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, eos_id=2, bos_id=1, pad_id=-1, unk_id=0, num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _write_indexed(prefix: pathlib.Path, docs, sp, eod: int, desc: str) -> int:
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -112,7 +157,8 @@ def prepare(corpus: str = "stdlib", out: str = "data_cache/stdlib", vocab_size: 
         raise ValueError(f"--valid-every {valid_every}: must be >= 2")
     out_dir = pathlib.Path(out)
     docs = corpus_documents(corpus)
-    opts = dict(corpus=corpus, vocab_size=vocab_size, valid_every=valid_every, max_sentences=max_sentences)
+    opts = dict(corpus=corpus, vocab_size=vocab_size, valid_every=valid_every, max_sentences=max_sentences,
+                tokenizer_recipe=TOKENIZER_RECIPE)
     fp = _fingerprint(docs, opts)
     meta_path = out_dir / "meta.json"
     if meta_path.exists():
@@ -121,24 +167,25 @@ def prepare(corpus: str = "stdlib", out: str = "data_cache/stdlib", vocab_size: 
             logger.info("%s is up to date (fingerprint %s)", out_dir, fp)
             return meta
     out_dir.mkdir(parents=True, exist_ok=True)
+    # megatron-core keys its sample-index cache by paths and sizes, not by the tokens: indices built over an older
+    # train.bin would be reused silently.
+    shutil.rmtree(out_dir / "index_cache", ignore_errors=True)
+    meta_path.unlink(missing_ok=True)
     train, valid = split(docs, valid_every)
     if not valid:
         raise ValueError(f"corpus has {len(docs)} documents: too few for --valid-every {valid_every}")
 
-    lines = (line for _, text in train for line in text.splitlines() if line.strip())
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, byte_fallback=True, input_sentence_size=max_sentences,
-        shuffle_input_sentence=True, split_digits=True, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, eos_id=2, bos_id=1, pad_id=-1, unk_id=0,
-        num_threads=os.cpu_count() or 1, minloglevel=2, seed_sentencepiece_size=200_000)
-    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
+    model = train_tokenizer(train, vocab_size, max_sentences)
+    _write_atomic(out_dir / "tokenizer.model", model)
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    _write_atomic(out_dir / "tokenizer.vocab", "".join(
+        f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size())).encode())
     eod = sp.eos_id()
     n_train = _write_indexed(out_dir / "train", train, sp, eod, "tokenise train")
     n_valid = _write_indexed(out_dir / "valid", valid, sp, eod, "tokenise valid")
     meta = dict(opts, fingerprint=fp, train_documents=len(train), valid_documents=len(valid),
                 train_tokens=n_train, valid_tokens=n_valid, eod_id=eod, vocab_size_actual=sp.get_piece_size(),
-                python=sys.version.split()[0])
+                tokenizer_sha256=hashlib.sha256(model).hexdigest(), python=sys.version.split()[0])
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

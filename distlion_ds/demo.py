@@ -64,7 +64,9 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
     from distlion_ds.kernels import _dispatch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # One intra-op thread per worker on every machine: CPU reductions split work per thread, so the thread count
+    # changes the last bits of losses and gradients, and the demo's numbers would depend on the core count.
+    torch.set_num_threads(1)
     _dispatch.INTERPRET = False  # the demo times real work: CPU tensors take the torch reference path
     dist.init_process_group("gloo", rank=rank, world_size=world)
     spec = METHODS[name]
