@@ -16,32 +16,59 @@ rollback. The price is one more read of ``g`` and ``m`` in the apply (28 instead
 fp32), which is far below the cost of the network on the slow links this package exists for.
 
 Scalar coefficients are rounded to fp32 once on the host (:func:`f32`) and passed to both paths, so the kernel and
-the torch reference do the same fp32 operations in the same order; in the CPU interpreter their outputs are equal bit
-for bit. (On a GPU the compiler may contract ``a*b + c*d`` into an FMA: the float outputs may then differ from the
-reference by an ulp; the packed votes differ only where ``c`` rounds to within an ulp of zero.)
+the torch reference do the same fp32 operations in the same order, and their outputs are equal bit for bit: in the
+CPU interpreter (tested), and on a GPU by the GPU-bits policy of kernels/_dispatch.py: no FMA contraction (the
+references round ``m*a``, ``g*b`` and their sum separately; a contracted FMA would flip votes where ``c`` is within
+an ulp of zero), Avg's ``(2q - N) / N`` by IEEE division (``div_rn``), 64-bit offsets (row strides are added to
+pointers, never multiplied in 32 bits). tests/test_gpu_compile.py checks the PTX for sm_80 and sm_90.
+
+Stochastic rounding (``lion_apply(..., rounding_seed=...)``): a bf16 parameter without fp32 master weights stalls
+when ``lr`` is below half an ulp (round to nearest returns the old value every step). With a seed, the fp32 result
+is rounded to bf16 up or down with probabilities proportional to its distance to each (unbiased), the random bits
+drawn from ``hash32(seed, elem_offset + flat index)`` (kernels/_hash.py), so kernel and reference agree bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_contiguous, check_float, ref_chunks, use_triton
-from ._triton_utils import _cast_rne
+from ._dispatch import check_contiguous, check_float, launch, ref_chunks, use_triton
+from ._hash import MASK32, _hash32, hash32_ref
+from ._triton_utils import _cast_bf16_stochastic, _cast_rne
 from .signs import _pack_bits, _vote_bits, byte_bits_table, pack_votes_ref, tie_byte_ref, unpack_bits_ref
 
 # Same tile as the sign kernels: 1024 packed bytes = 8192 elements per program (see signs.py).
 _BLOCK_BYTES = 1024
+# 8 warps: 32 elements per thread. At 4 warps (64 per thread) lion_apply fp32 Avg sat at the 255-register cap on
+# Triton 3.9 and vote_count Avg spilled at N >= 32 (sm_90) on 3.6; registers per kernel: benchmarks/RESULTS.md.
+_NUM_WARPS = 8
 
 AGGREGATIONS = ("mavo", "avg")
 
 
 def f32(x: float) -> float:
-    """Round a Python float to the nearest fp32 value (what a Triton scalar argument holds)."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    """Round a Python float to the nearest fp32 value (what a Triton scalar argument holds).
+
+    ``struct`` rounds as C's double -> float cast (to nearest even, the conversion torch uses) without building a
+    tensor: the optimizer calls this several times per parameter per step. Beyond fp32's range it gives +-Inf.
+    """
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # |x| rounds past fp32's largest finite value
+        return math.copysign(math.inf, x)
+
+
+def round_bf16_stochastic_ref(v: torch.Tensor, rand16: torch.Tensor) -> torch.Tensor:
+    """Torch twin of ``_cast_bf16_stochastic``: fp32 ``v``, int64 ``rand16`` in [0, 2**16) -> bf16."""
+    b = v.view(torch.int32).to(torch.int64) & MASK32
+    r = (b + rand16) >> 16
+    r = torch.where(torch.isnan(v), 0x7FC0, r)
+    return (r - ((r & 0x8000) << 1)).to(torch.int16).view(torch.bfloat16)  # the 16 bits as a signed int16
 
 
 def aggregate_bits(aggregation: str, n_ranks: int) -> int:
@@ -131,8 +158,8 @@ def lion_votes(grad: torch.Tensor | None, exp_avg: torch.Tensor, beta1: float, s
     flag = nonfinite if nonfinite is not None else torch.zeros(1, dtype=torch.int32, device=exp_avg.device)
     g = check_contiguous("grad", grad).reshape(-1) if grad is not None else exp_avg
     grid = (triton.cdiv(out.numel(), _BLOCK_BYTES),)
-    _lion_votes_kernel[grid](g, exp_avg, out, flag, n, out.numel(), f32(beta1), f32(1.0 - beta1), step,
-                             HAS_GRAD=grad is not None, BLOCK_BYTES=_BLOCK_BYTES)
+    launch(_lion_votes_kernel, grid, g, exp_avg, out, flag, n, out.numel(), f32(beta1), f32(1.0 - beta1), step,
+           HAS_GRAD=grad is not None, BLOCK_BYTES=_BLOCK_BYTES, num_warps=_NUM_WARPS)
     return out, nonfinite
 
 
@@ -147,14 +174,20 @@ def _vote_count_kernel(recv_ptr, recv_stride, out_ptr, out_stride, n_bytes, step
     bmask = byte < n_bytes
     bit_pos = tl.arange(0, 8)
     ones = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
-    for r in range(N_RANKS):
-        b = tl.load(recv_ptr + r * recv_stride + byte, mask=bmask, other=0).to(tl.int32)
+    # Row r starts r * recv_stride bytes in: the stride is added to a 64-bit pointer per row, since r * recv_stride
+    # in 32 bits overflows for large shards (64 ranks x 32 MiB).
+    row = recv_ptr + byte
+    for _ in range(N_RANKS):
+        b = tl.load(row, mask=bmask, other=0).to(tl.int32)
         ones += (b[:, None] >> bit_pos[None, :]) & 1
+        row += recv_stride
     if AVG:
         # q = (S + N) / 2 is just the number of +1 votes, in [0, N]: NBITS bit-planes.
+        plane_out = out_ptr + byte
         for k in tl.static_range(NBITS):
             plane = _pack_bits(((ones >> k) & 1) != 0, bit_pos)
-            tl.store(out_ptr + k * out_stride + byte, plane, mask=bmask)
+            tl.store(plane_out, plane, mask=bmask)
+            plane_out += out_stride
     else:
         s = 2 * ones - N_RANKS
         idx = elem_offset + byte[:, None] * 8 + bit_pos[None, :]
@@ -225,16 +258,20 @@ def vote_count(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int, el
         return vote_count_ref(recv, n_ranks, aggregation, step, elem_offset, out)
     if n_bytes:
         grid = (triton.cdiv(n_bytes, _BLOCK_BYTES),)
-        _vote_count_kernel[grid](recv, recv.stride(0), out, out.stride(0), n_bytes, step, elem_offset,
-                                 N_RANKS=n_ranks, AVG=aggregation == "avg", NBITS=nbits, BLOCK_BYTES=_BLOCK_BYTES)
+        launch(_vote_count_kernel, grid, recv, recv.stride(0), out, out.stride(0), n_bytes, step, elem_offset,
+               N_RANKS=n_ranks, AVG=aggregation == "avg", NBITS=nbits, BLOCK_BYTES=_BLOCK_BYTES,
+               num_warps=_NUM_WARPS)
     return out
 
 
 # --------------------------------------------------------------------------------------------- apply
-@triton.jit
-def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, n_ranks, decay, lr, c2, d2,
-                       HAS_GRAD: tl.constexpr, AVG: tl.constexpr, NBITS: tl.constexpr,
-                       BLOCK_BYTES: tl.constexpr):
+# N is a compile-time constant as in vote_count: a runtime int argument equal to 1 would become a constexpr in a
+# real launch anyway (and a constexpr has no ``.to``: the Avg path failed to compile at N = 1 that way). The seed is
+# not specialised: a seed of 1 would otherwise compile a kernel of its own.
+@triton.jit(do_not_specialize=["seed"])
+def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, decay, lr, c2, d2, seed, elem_offset,
+                       N_RANKS: tl.constexpr, HAS_GRAD: tl.constexpr, AVG: tl.constexpr, NBITS: tl.constexpr,
+                       STOCHASTIC: tl.constexpr, BLOCK_BYTES: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     bit_pos = tl.arange(0, 8)
@@ -243,16 +280,23 @@ def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, n_ranks, dec
     bmask = byte * 8 < n
     if AVG:
         q = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
+        plane_ptr = agg_ptr + byte  # plane k at k * agg_stride: added to the pointer, never a 32-bit product
         for k in tl.static_range(NBITS):
-            plane = tl.load(agg_ptr + k * agg_stride + byte, mask=bmask, other=0).to(tl.int32)
+            plane = tl.load(plane_ptr, mask=bmask, other=0).to(tl.int32)
             q += ((plane[:, None] >> bit_pos[None, :]) & 1) << k
-        delta = (2 * q - n_ranks).to(tl.float32) / n_ranks.to(tl.float32)
+            plane_ptr += agg_stride
+        # IEEE division, as the reference's table: `/` would be div.full.f32 (2 ulp) on the GPU.
+        delta = tl.math.div_rn((2 * q - N_RANKS).to(tl.float32), tl.full((BLOCK_BYTES, 8), N_RANKS, tl.float32))
     else:
         plane = tl.load(agg_ptr + byte, mask=bmask, other=0).to(tl.int32)
         delta = (2 * ((plane[:, None] >> bit_pos[None, :]) & 1) - 1).to(tl.float32)
     p = tl.load(p_ptr + idx, mask=mask, other=0.0)
     p_new = p.to(tl.float32) * decay - delta * lr
-    tl.store(p_ptr + idx, _cast_rne(p_new, p.dtype), mask=mask)
+    if STOCHASTIC:  # bf16 only (the launcher checks): 16 random bits per element from (seed, elem_offset + idx)
+        rand16 = _hash32((idx + elem_offset).to(tl.uint32), seed.to(tl.uint32)) >> 16
+        tl.store(p_ptr + idx, _cast_bf16_stochastic(p_new, rand16), mask=mask)
+    else:
+        tl.store(p_ptr + idx, _cast_rne(p_new, p.dtype), mask=mask)
     m = tl.load(m_ptr + idx, mask=mask, other=0.0)
     if HAS_GRAD:
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -284,9 +328,26 @@ def _lr_delta_ref(table: torch.Tensor, agg: torch.Tensor, n: int, n_ranks: int, 
     return table.index_select(0, q.long())
 
 
+def _check_rounding(param: torch.Tensor, rounding_seed: int | None, elem_offset: int) -> bool:
+    """Validate the stochastic-rounding arguments; True when ``param`` is to be rounded stochastically."""
+    if rounding_seed is not None and (isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int)
+                                      or not 0 <= rounding_seed < 2**31):
+        raise ValueError(f"rounding_seed={rounding_seed!r}; expected None or an int in [0, 2**31)")
+    if isinstance(elem_offset, bool) or not isinstance(elem_offset, int) or elem_offset < 0:
+        raise ValueError(f"elem_offset={elem_offset!r}; expected a non-negative int")
+    if rounding_seed is None or param.dtype == torch.float32:  # fp32: the result is already the fp32 value
+        return False
+    if param.dtype != torch.bfloat16:
+        raise ValueError(f"rounding_seed is supported for bfloat16 and float32 parameters, got {param.dtype}; "
+                         "pass rounding_seed=None for float16 (or keep fp32 master weights)")
+    return True
+
+
 def lion_apply_ref(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | None, agg: torch.Tensor,
-                   n_ranks: int, lr: float, weight_decay: float, beta2: float, aggregation: str) -> None:
+                   n_ranks: int, lr: float, weight_decay: float, beta2: float, aggregation: str, *,
+                   rounding_seed: int | None = None, elem_offset: int = 0) -> None:
     """Torch reference of :func:`lion_apply` (in place on ``param`` and ``exp_avg``)."""
+    stochastic = _check_rounding(param, rounding_seed, elem_offset)
     data = param.detach()
     flat = data.reshape(-1)  # a view when contiguous; otherwise a copy, written back below
     m = exp_avg.view(-1)
@@ -299,7 +360,10 @@ def lion_apply_ref(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tenso
         if weight_decay:
             p.mul_(decay)
         p.sub_(lr_delta)
-        if flat.dtype != torch.float32:
+        if stochastic:
+            idx = torch.arange(elem_offset + s, elem_offset + e, dtype=torch.int64, device=p.device)
+            flat[s:e] = round_bf16_stochastic_ref(p, hash32_ref(rounding_seed, idx) >> 16)
+        elif flat.dtype != torch.float32:
             flat[s:e] = p  # rounded to the parameter's dtype (round to nearest even)
         mc = m[s:e]
         mc.mul_(c2)
@@ -310,7 +374,8 @@ def lion_apply_ref(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tenso
 
 
 def lion_apply(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | None, agg: torch.Tensor,
-               n_ranks: int, lr: float, weight_decay: float, beta2: float, aggregation: str) -> None:
+               n_ranks: int, lr: float, weight_decay: float, beta2: float, aggregation: str, *,
+               rounding_seed: int | None = None, elem_offset: int = 0) -> None:
     """Apply the aggregated update in place: ``p <- p*(1-lr*wd) - lr*Delta``, then ``m <- b2*m + (1-b2)*g``.
 
     Args:
@@ -319,6 +384,11 @@ def lion_apply(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | 
         grad: its local gradient, or None for zeros.
         agg: uint8 ``[nbits, ceil(n/8)]`` packed aggregate (rows may be strided views of a bucket).
         n_ranks: N. lr, weight_decay, beta2: the group's hyper-parameters. aggregation: ``"mavo"`` or ``"avg"``.
+        rounding_seed: None (round to nearest even), or an int in [0, 2**31): a bfloat16 ``param`` is then rounded
+            stochastically (unbiased) with random bits from ``hash32(rounding_seed, elem_offset + flat index)``;
+            the caller derives a fresh seed per step. Ignored for float32 (nothing to round); float16 raises.
+        elem_offset: added to the flat index in the hash, so that a parameter's random stream does not depend on
+            how parameters are grouped into launches (e.g. its offset in the flat parameter space).
     """
     nbits = aggregate_bits(aggregation, n_ranks)
     n = param.numel()
@@ -331,17 +401,22 @@ def lion_apply(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | 
                          f"got {agg.dtype} {tuple(agg.shape)}")
     if grad is not None:
         check_float("grad", grad)
+    stochastic = _check_rounding(param, rounding_seed, elem_offset)
     if not use_triton(param, exp_avg, grad, agg):
-        return lion_apply_ref(param, exp_avg, grad, agg, n_ranks, lr, weight_decay, beta2, aggregation)
+        return lion_apply_ref(param, exp_avg, grad, agg, n_ranks, lr, weight_decay, beta2, aggregation,
+                              rounding_seed=rounding_seed, elem_offset=elem_offset)
     if n == 0:
         return None
     data = param.detach()
     target = data if data.is_contiguous() else data.contiguous()
     g = check_contiguous("grad", grad).reshape(-1) if grad is not None else exp_avg
     grid = (triton.cdiv(-(-n // 8), _BLOCK_BYTES),)
-    _lion_apply_kernel[grid](target, exp_avg, g, agg, agg.stride(0), n, n_ranks, f32(1.0 - lr * weight_decay),
-                             f32(lr), f32(beta2), f32(1.0 - beta2), HAS_GRAD=grad is not None,
-                             AVG=aggregation == "avg", NBITS=nbits, BLOCK_BYTES=_BLOCK_BYTES)
+    launch(_lion_apply_kernel, grid, target, exp_avg, g, agg, agg.stride(0), n, f32(1.0 - lr * weight_decay),
+           f32(lr), f32(beta2), f32(1.0 - beta2), rounding_seed if stochastic else 0, elem_offset,
+           # MaVo never reads N: one compilation serves every group size
+           N_RANKS=n_ranks if aggregation == "avg" else 0, HAS_GRAD=grad is not None, AVG=aggregation == "avg",
+           NBITS=nbits,
+           STOCHASTIC=stochastic, BLOCK_BYTES=_BLOCK_BYTES, num_warps=_NUM_WARPS)
     if target is not data:
         data.copy_(target)
     return None

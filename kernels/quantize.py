@@ -18,10 +18,13 @@ plus ``bits`` per element. Both the Triton kernels and the torch reference imple
 ``block_size`` must be a positive multiple of 8: then every block starts on a byte boundary for every ``bits``,
 so a block's codes are whole bytes and each kernel program packs and stores its blocks independently.
 
-Stochastic rounding draws ``u`` from a counter-based hash of ``(seed, flat element index)`` (a multiply-xorshift
-``lowbias32`` finalizer, https://nullprogram.com/blog/2018/07/31/), computed in uint32 in Triton and in int64 masked
-to 32 bits in torch, so both paths give identical codes for the same seed and no RNG state is carried. The index
-enters modulo 2**32, so the draws of one call repeat only past 4G elements.
+Stochastic rounding draws ``u`` from a counter-based hash of ``(seed, flat element index)`` (kernels/_hash.py),
+computed in uint32 in Triton and in int64 masked to 32 bits in torch, so both paths give identical codes for the
+same seed and no RNG state is carried. The index enters modulo 2**32, so the draws of one call repeat only past 4G
+elements.
+
+GPU bits (the policy of kernels/_dispatch.py): both divisions are ``div_rn`` (IEEE-rounded, as torch divides), no
+FMA contraction, 64-bit program bases with 32-bit in-tile offsets.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_contiguous, check_float, ref_chunks, use_triton
+from ._dispatch import check_contiguous, check_float, launch, ref_chunks, use_triton
+from ._hash import MASK32, _hash32, hash32_ref
 from ._triton_utils import _cast_rne
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -48,10 +52,6 @@ MAX_BLOCK_SIZE = 16384
 _TILE = 4096
 _ELEMS_PER_THREAD = 16
 
-_MASK32 = 0xFFFFFFFF
-_HASH_C0 = 0x9E3779B9  # 2**32 / golden ratio: spreads consecutive indices before the finalizer
-_HASH_C1 = 0x7FEB352D  # lowbias32 multipliers from that post (measured bias 0.17: a near-ideal avalanche)
-_HASH_C2 = 0x846CA68B
 _U24 = 2.0**-24  # u = (h >> 8) * 2**-24: 24 random bits, exact in fp32, u in [0, 1)
 
 
@@ -76,13 +76,7 @@ def _block_tile(numel, block_size, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _uniform_hash(idx, seed):
     """u in [0, 1) from (seed, idx), both uint32. Must match _uniform_ref bit for bit."""
-    h = idx * 0x9E3779B9
-    h = h ^ seed
-    h = h ^ (h >> 16)  # uint32: logical shifts, multiplications wrap mod 2**32
-    h = h * 0x7FEB352D
-    h = h ^ (h >> 15)
-    h = h * 0x846CA68B
-    h = h ^ (h >> 16)
+    h = _hash32(idx, seed)
     # 24 bits times 2**-24 is exact, so contracting the caller's `y + u` into an FMA changes nothing.
     return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
 
@@ -189,7 +183,7 @@ def _resolve_seed(stochastic: bool, seed: int | None) -> int:
     if seed is None:
         # One draw from torch's default CPU generator: torch.manual_seed(...) makes the call reproducible.
         return int(torch.randint(0, 2**32, (1,), dtype=torch.int64).item())
-    return seed & _MASK32
+    return seed & MASK32
 
 
 def payload_sizes(numel: int, bits: int, block_size: int) -> tuple[int, int]:
@@ -242,8 +236,8 @@ def quantize(
     qmax = 2 ** (bits - 1) - 1
     rows, block, num_warps = _tiling(block_size)
     grid = (triton.cdiv(n_blocks, rows),)
-    _quantize_kernel[grid](
-        x, codes, scales,
+    launch(
+        _quantize_kernel, grid, x, codes, scales,
         numel, n_bytes, n_blocks, block_size, block_size * bits // 8,
         # passed as a signed int32 with the same bits, so the argument type does not depend on the value
         seed32 - 2**32 if seed32 >= 2**31 else seed32,
@@ -295,8 +289,8 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, block_size:
         return out
     rows, block, num_warps = _tiling(block_size)
     grid = (triton.cdiv(-(-numel // block_size), rows),)
-    _dequantize_kernel[grid](
-        codes, scales, out,
+    launch(
+        _dequantize_kernel, grid, codes, scales, out,
         numel, scales.numel(), block_size, block_size * bits // 8,
         BITS=bits, CODES_PER_BYTE=8 // bits, QMAX=2 ** (bits - 1) - 1, NONFINITE_CODE=2**bits - 1,
         ROWS=rows, BLOCK=block, num_warps=num_warps,
@@ -307,22 +301,9 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, block_size:
 # --------------------------------------------------------------------------------------------------- references
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    """(h * c) mod 2**32 for 0 <= h < 2**32 without int64 overflow: split c into 16-bit halves."""
-    lo = h * (c & 0xFFFF)  # < 2**48
-    hi = ((h * (c >> 16)) & 0xFFFF) << 16  # only the low 16 bits survive the shift mod 2**32
-    return (lo + hi) & _MASK32
-
-
 def _uniform_ref(seed: int, idx: torch.Tensor) -> torch.Tensor:
     """Torch twin of the Triton ``_uniform_hash``: idx int64, returns fp32 u in [0, 1)."""
-    h = _mul32(idx & _MASK32, _HASH_C0) ^ seed
-    h = h ^ (h >> 16)
-    h = _mul32(h, _HASH_C1)
-    h = h ^ (h >> 15)
-    h = _mul32(h, _HASH_C2)
-    h = h ^ (h >> 16)
-    return (h >> 8).to(torch.float32) * _U24
+    return (hash32_ref(seed, idx) >> 8).to(torch.float32) * _U24
 
 
 def quantize_ref(

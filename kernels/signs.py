@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_contiguous, check_float, ref_chunks, use_triton
+from ._dispatch import check_contiguous, check_float, launch, ref_chunks, use_triton
 
 # 1024 bytes = 8192 elements per program: a 32 KiB fp32 read per program keeps a GPU SM's loads coalesced,
 # and in the CPU interpreter (~2-3 ms per program instance) a 64K-element test is only 8 programs.
@@ -144,7 +144,7 @@ def pack_signs(x: torch.Tensor, step: int = 1) -> torch.Tensor:
     out = torch.empty(-(-n // 8), dtype=torch.uint8, device=x.device)
     if n:
         grid = (triton.cdiv(out.numel(), _BLOCK_BYTES),)
-        _pack_signs_kernel[grid](x, out, n, out.numel(), step, BLOCK_BYTES=_BLOCK_BYTES)
+        launch(_pack_signs_kernel, grid, x, out, n, out.numel(), step, BLOCK_BYTES=_BLOCK_BYTES)
     return out
 
 
@@ -156,5 +156,5 @@ def unpack_signs(packed: torch.Tensor, numel: int) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.int8, device=packed.device)
     if numel:
         grid = (triton.cdiv(-(-numel // 8), _BLOCK_BYTES),)
-        _unpack_signs_kernel[grid](packed, out, numel, BLOCK_BYTES=_BLOCK_BYTES)
+        launch(_unpack_signs_kernel, grid, packed, out, numel, BLOCK_BYTES=_BLOCK_BYTES)
     return out

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import FLOAT_DTYPES, check_contiguous, check_float, use_triton
+from ._dispatch import FLOAT_DTYPES, check_contiguous, check_float, launch, use_triton
 from ._triton_utils import _cast_rne
 
 # Elements per program. 4096 = 16 per thread at 8 warps: each histogram pass reads a long coalesced span per
@@ -182,14 +182,14 @@ def topk_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     state[1] = k  # a fill, not a host-to-device copy
     hist = torch.zeros(256, dtype=torch.int64, device=x.device)
     for shift in _SHIFTS:
-        _radix_hist_kernel[grid](x, state, hist, numel, SHIFT=shift, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
-        _radix_pick_kernel[(1,)](hist, state)
+        launch(_radix_hist_kernel, grid, x, state, hist, numel, SHIFT=shift, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        launch(_radix_pick_kernel, (1,), hist, state)
     # state = [T, r]: T is the k-th largest key, r how many keys == T are taken (the lowest-indexed ones).
     counts = torch.empty(2, n_programs, dtype=torch.int64, device=x.device)
-    _count_kernel[grid](x, state, counts, numel, n_programs, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    launch(_count_kernel, grid, x, state, counts, numel, n_programs, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     starts = torch.cumsum(counts, dim=1) - counts  # exclusive scan per row, int64
-    _write_kernel[grid](x, state, starts, values, indices, numel, n_programs, BLOCK=_BLOCK,
-                        num_warps=_NUM_WARPS)
+    launch(_write_kernel, grid, x, state, starts, values, indices, numel, n_programs, BLOCK=_BLOCK,
+           num_warps=_NUM_WARPS)
     return values, indices
 
 
@@ -228,8 +228,8 @@ def topk_scatter(values: torch.Tensor, indices: torch.Tensor, numel: int, dtype:
     out = torch.zeros(numel, dtype=dtype, device=values.device)  # a memset: the zeros cost one write pass
     k = values.numel()
     if k:
-        _scatter_kernel[(triton.cdiv(k, _BLOCK),)](values, indices, out, k, numel, BLOCK=_BLOCK,
-                                                   num_warps=_NUM_WARPS)
+        launch(_scatter_kernel, (triton.cdiv(k, _BLOCK),), values, indices, out, k, numel, BLOCK=_BLOCK,
+               num_warps=_NUM_WARPS)
     return out
 
 
