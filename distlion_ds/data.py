@@ -22,6 +22,7 @@ with the same Python version (``meta.json`` records it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import pathlib
 import shutil
 import sys
 import sysconfig
+import warnings
 
 import numpy as np
 
@@ -129,10 +131,24 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _megatron_import():
+    """Import megatron-core without its one known CPU warning; every other warning still shows.
+
+    The first megatron-core import warns that Transformer Engine and Apex are absent and that it falls back to its
+    local implementations (of fused multi-tensor ops this package never calls): the expected set-up on CPU.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+        yield
+
+
 def _write_indexed(prefix: pathlib.Path, docs, sp, eod: int, desc: str) -> int:
     import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
+
+    with _megatron_import():
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     dtype = np.uint16 if sp.get_piece_size() < 65500 else np.int32
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
@@ -193,7 +209,9 @@ def prepare(corpus: str = "stdlib", out: str = "data_cache/stdlib", vocab_size: 
 def sentencepiece_tokenizer(model_file: str):
     """A megatron-core tokenizer over a SentencePiece model (what GPTDatasetConfig needs: eod, pad, vocab size)."""
     import sentencepiece as spm
-    from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+
+    with _megatron_import():
+        from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
     class SentencePieceTokenizer(MegatronLegacyTokenizer):
         def __init__(self, path: str):
@@ -226,7 +244,19 @@ def sentencepiece_tokenizer(model_file: str):
         def pad(self) -> int:
             return -1
 
-    return SentencePieceTokenizer(model_file)
+    # The legacy base class is kept (GPTDataset's cache key reads its ``unique_identifiers``; megatron-core 0.16.1).
+    # Its constructor logs a deprecation notice addressed to us, the integrators, in every process that builds a
+    # dataset: that one record is dropped, the logger's other records are not.
+    megatron_logger = logging.getLogger(MegatronLegacyTokenizer.__module__)
+    megatron_logger.addFilter(_drop_legacy_tokenizer_notice)
+    try:
+        return SentencePieceTokenizer(model_file)
+    finally:
+        megatron_logger.removeFilter(_drop_legacy_tokenizer_notice)
+
+
+def _drop_legacy_tokenizer_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("You're using the legacy tokenizer system")
 
 
 def gpt_datasets(data_dir: str, seq_length: int, train_samples: int, valid_samples: int, seed: int = 1234):
@@ -235,10 +265,7 @@ def gpt_datasets(data_dir: str, seq_length: int, train_samples: int, valid_sampl
     The sample indices are cached under ``data_dir/index_cache``: build once in one process before spawning
     workers, and the workers only memory-map them.
     """
-    import warnings
-
-    with warnings.catch_warnings():  # megatron-core warns about Transformer Engine / Apex on import
-        warnings.simplefilter("ignore")
+    with _megatron_import():
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 

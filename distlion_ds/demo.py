@@ -5,7 +5,8 @@ D-Lion Avg for the same token budget, on a real corpus (the Python standard libr
 
 AdamW and global Lion all-reduce fp32 gradients every step (torch DDP); D-Lion sends one bit per parameter up and
 1 (MaVo) or ceil(log2(N+1)) (Avg) bits back. Prints a table (final validation loss, wire bits per parameter per
-step, wall time), writes ``<out>/summary.json`` and ``<out>/loss.png``.
+step, wall time; the same Markdown table as the README's), writes ``<out>/summary.json``, ``<out>/table.md`` and
+``<out>/loss.png``. Two runs on the same machine print the same losses to the last digit (the wall times differ).
 """
 
 from __future__ import annotations
@@ -120,6 +121,39 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
     dist.destroy_process_group()
 
 
+# Row labels of the printed table; the README's demo table is that output, pasted.
+LABELS = {"adamw": "adamw (DDP fp32 all-reduce)", "lion": "lion (global: DDP all-reduce + Lion)",
+          "dlion_mavo": "dlion_mavo (1-bit votes, majority)", "dlion_avg": "dlion_avg (1-bit votes, averaged)"}
+
+
+def markdown_table(runs: list[dict]) -> str:
+    """The results as a Markdown table: the final validation loss (4 decimals), wire bits, wall time, replicas.
+
+    Args:
+        runs: dicts with ``name``, ``final_val_loss``, ``bits_per_param_step``, ``wall_s``, ``dp_replicas_identical``.
+    Returns:
+        The table, one row per run, no trailing newline.
+    """
+    rows = ["| method | final val loss | wire bits/param/step | wall s | replicas |", "|---|---|---|---|---|"]
+    for r in runs:
+        # D-Lion counts its own payload bytes; DDP's all-reduce is not instrumented, so its cost is the ring model.
+        source = "measured" if METHODS[r["name"]]["optimizer"] == "dlion" else "ring model: 64(N−1)/N"
+        replicas = "identical" if r["dp_replicas_identical"] else "DIVERGED"
+        rows.append(f"| {LABELS[r['name']]} | {r['final_val_loss']:.4f} | {r['bits_per_param_step']:.3f} ({source}) "
+                    f"| {r['wall_s']:.1f} | {replicas} |")
+    return "\n".join(rows)
+
+
+def comparison(runs: list[dict]) -> str | None:
+    """One line: each other method's final validation loss relative to global Lion's (None without a Lion run)."""
+    by_name = {r["name"]: r for r in runs}
+    if "lion" not in by_name or len(by_name) < 2:
+        return None
+    ref = by_name["lion"]["final_val_loss"]
+    parts = [f"{r['name']} {100 * (r['final_val_loss'] / ref - 1):+.1f} %" for r in runs if r["name"] != "lion"]
+    return "final validation loss relative to global Lion: " + ", ".join(parts)
+
+
 def _plot(runs: list[dict], path: pathlib.Path) -> None:
     import matplotlib
 
@@ -148,7 +182,12 @@ def _plot(runs: list[dict], path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t_start = time.perf_counter()
+    # Our own progress at INFO; other libraries' INFO chatter (megatron-core's dataset builder, matplotlib's font
+    # cache) stays below the threshold, their warnings do not.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("distlion_ds", __name__):  # __name__ is "__main__" under `python -m`
+        logging.getLogger(name).setLevel(logging.INFO)
     ap = argparse.ArgumentParser(prog="python -m distlion_ds.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=300)
@@ -183,19 +222,21 @@ def main(argv=None) -> int:
                                               nprocs=args.workers, start_method="spawn")
         runs.append(dict(queue.get(), workers=args.workers))
 
-    logger.info("\n%-11s %14s %18s %9s %10s", "method", "final val loss", "wire bits/param/step", "wall s",
-                "replicas")
-    for r in runs:
-        logger.info("%-11s %14.4f %18.3f %9.1f %10s", r["name"], r["final_val_loss"], r["bits_per_param_step"],
-                    r["wall_s"], "identical" if r["dp_replicas_identical"] else "DIVERGED")
+    table = markdown_table(runs)
+    logger.info("\n%s\n", table)
+    if (line := comparison(runs)) is not None:
+        logger.info("%s", line)
     _plot(runs, out / "loss.png")
-    summary = {"workers": args.workers,
-               "runs": [{k: r[k] for k in ("name", "final_val_loss", "bits_per_param_step", "wall_s")}
+    summary = {"workers": args.workers, "tokenizer_sha256": meta["tokenizer_sha256"],
+               "runs": [{k: r[k] for k in ("name", "final_val_loss", "bits_per_param_step", "wall_s",
+                                           "dp_replicas_identical")}
                         for r in runs],
                "plot": str(out / "loss.png")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "curves.json").write_text(json.dumps({r["name"]: r["train_loss"] for r in runs}) + "\n")
-    logger.info("wrote %s and %s", out / "summary.json", out / "loss.png")
+    (out / "table.md").write_text(table + "\n")
+    logger.info("demo took %.1f minutes; wrote %s, %s and %s", (time.perf_counter() - t_start) / 60,
+                out / "summary.json", out / "table.md", out / "loss.png")
     return 0 if all(r["dp_replicas_identical"] for r in runs) else 1
 
 
