@@ -5,14 +5,18 @@
 #   STEPS=2 launch/3d_gpt.sh            # a short run; extra arguments override the ones below (last one wins)
 # summary.json: {"tp", "pp", "dp", "steps", "losses", "dp_replicas_identical", "wire", ...}; replicas, tied
 # embeddings and TP-replicated parameters are compared across ranks by checksum at the end.
+# torchrun here is `$PYTHON -m torch.distributed.run`, PYTHON defaulting to this clone's .venv/bin/python
+# (launch/_common.sh); TORCHRUN=... replaces that command. COMPRESSION: the p2p compression JSON.
 set -euo pipefail
-exec "${TORCHRUN:-torchrun}" --nproc_per_node "${NPROC:-8}" --master_port "${MASTER_PORT:-29500}" \
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+COMPRESSION=${COMPRESSION:-$ROOT/configs/compression/topk10_q8.json}
+require_config_files --p2p-compression "$COMPRESSION" "$@"
+exec "${TORCHRUN_CMD[@]}" --nproc_per_node "${NPROC:-8}" --master_port "${MASTER_PORT:-29500}" \
     -m distlion_ds.megatron.pretrain_gpt \
     --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
     --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64 \
     --micro-batch-size 2 --global-batch-size 8 \
     --train-iters "${STEPS:-50}" --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 0 --lr-decay-style cosine \
-    --optimizer distlion --aggregation mavo \
-    --p2p-compression "${COMPRESSION:-configs/compression/topk10_q8.json}" \
+    --optimizer distlion --aggregation mavo --p2p-compression "$COMPRESSION" \
     --data-path data_cache/stdlib --eval-interval 25 --eval-iters 2 --log-interval 5 \
     --out runs/3d "$@"
