@@ -1,5 +1,16 @@
 """Communication layer: the only package code (besides the DeepSpeed/Megatron seams) that uses torch.distributed."""
 
-from .vote_exchange import VoteExchange, replica_checksum
+from .vote_exchange import (
+    CollectiveError,
+    InFlight,
+    VoteExchange,
+    gather_fingerprints,
+    gather_objects,
+    host_flag,
+    local_checksum,
+    replica_checksum,
+    run_collective,
+)
 
-__all__ = ["VoteExchange", "replica_checksum"]
+__all__ = ["CollectiveError", "InFlight", "VoteExchange", "gather_fingerprints", "gather_objects", "host_flag",
+           "local_checksum", "replica_checksum", "run_collective"]

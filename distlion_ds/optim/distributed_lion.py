@@ -1,23 +1,53 @@
 """DistributedLion: Lion with 1-bit votes across data-parallel ranks (arXiv 2404.00438; DESIGN 3.1-3.3).
 
-A thin class over the kernels (vote, count, apply) and the comm layer (bucketed vote exchange). The semantics are
-those of :func:`distlion_ds.optim.lion.dlion_update_ref`, which the tests hold it to.
+A thin class over the kernels (vote, count, apply) and the comm layer (bucketed, asynchronous vote exchange). The
+semantics are those of :func:`distlion_ds.optim.lion.dlion_update_ref`, which the tests hold it to.
 
-Layout: parameters are placed in buckets of at most ``bucket_numel`` elements, each parameter starting at a multiple
-of 8 elements. That keeps every parameter's votes byte-aligned inside the bucket (so the vote and apply kernels run
-on each parameter in place, with no flat copy of gradients or parameters), and it keeps the parity of a bucket
-offset equal to the parity of the element's index inside its parameter, which is what the zero rule needs when the
-vote count runs on a shard of the bucket. Each bucket is padded to a multiple of ``8*N`` elements.
+Layout. Trainable parameters (``requires_grad=True``; frozen ones are never voted, decayed or moved) are placed in
+buckets of at most ``bucket_numel`` elements, per device, each parameter starting at a multiple of 8 elements. That
+keeps every parameter's votes byte-aligned inside the bucket, and it keeps the parity of a bucket offset equal to
+the parity of the element's index inside its parameter, which is what the zero rule needs when the vote count runs
+on a shard of the bucket. Each bucket is padded to a multiple of ``8*N`` elements. The momentum of a bucket is one
+fp32 tensor in the same layout (``state[p]["exp_avg"]`` is a view of it).
+
+Runs. Consecutive parameters of a bucket whose storage is adjacent (a flat parameter buffer, as megatron-core's
+DDP keeps) and whose sizes are multiples of 8 have the same layout in memory as in the bucket; so do their
+momentum views. When their gradients are adjacent too, such a run is voted and applied by one kernel launch each
+instead of one per parameter. The result is the same bits either way (every element's index parity is the same).
+
+A step, with at most one host synchronisation (the skip decision):
+
+1. votes bucket by bucket; each bucket's all_to_all is issued asynchronously as soon as its votes are packed,
+   carrying this rank's non-finite flag as it stands then (so the last bucket's flag covers every gradient);
+2. every bucket is counted and its all_gather issued asynchronously (nothing is modified yet);
+3. the skip decision reads every rank's flag from the last bucket (one host sync): skip -> drain and return with
+   parameters and momentum untouched on every rank, on every device;
+4. each bucket is applied as soon as its all_gather lands, while later ones are still in flight.
+
+Agreement. Before the first step (and after any change of the parameter layout) the ranks compare a fingerprint of
+everything that must match (aggregation, bucket size, betas, lr, weight decay, parameter shapes, dtypes and order,
+the initial parameter values, the rounding seed, the check cadence): a mismatch is a ``ValueError`` naming the
+setting and which ranks hold which value, before any vote is exchanged (a mismatched bucket size would otherwise
+end in a backend abort that names nothing). Every ``check_replicas_every`` steps the parameters' bit checksum and
+the hyper-parameters are compared again (default: on; its cost is measured in benchmarks/RESULTS.md).
+
+16-bit parameters without fp32 master weights. Lion moves a weight by ``lr``; in bf16 an update below half an ulp of
+the weight rounds away and training silently stalls. bf16 parameters are therefore rounded stochastically (unbiased,
+seeded by ``rounding_seed`` and the step, identical on every rank so replicas stay bit-identical). fp16 parameters are
+refused when stochastic rounding is not available for them: keep fp32 master weights (DeepSpeed's fp16 section,
+megatron-core's mixed precision) instead.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from distlion_ds.comm import VoteExchange, replica_checksum
+from distlion_ds.comm import VoteExchange, gather_fingerprints, gather_objects, local_checksum
 from distlion_ds.kernels.lion import AGGREGATIONS, lion_apply, lion_votes
 
 logger = logging.getLogger(__name__)
@@ -26,6 +56,34 @@ logger = logging.getLogger(__name__)
 # link) is amortised over MBs, small enough that buckets still pipeline on large models.
 DEFAULT_BUCKET_NUMEL = 1 << 25
 
+# Replica check cadence: the checksum reads every parameter once (4 B/param) against a step's ~28 B/param of
+# kernel traffic plus the exchange; benchmarks/bench_replica_check.py measures the ratio. Every 500 steps keeps the
+# cost below 0.1 % of training time (RESULTS.md), and a divergence is still caught within minutes.
+DEFAULT_CHECK_REPLICAS_EVERY = 500
+
+_SR_PARAMS = frozenset(inspect.signature(lion_apply).parameters) >= {"rounding_seed", "elem_offset"}
+
+
+def _hash64(value) -> int:
+    digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """The per-step stochastic-rounding seed: a 31-bit hash of (seed, step), the same on every rank."""
+    return _hash64(("dlion-sr", seed, step)) & 0x7FFFFFFF
+
+
+@dataclass
+class _Run:
+    """Consecutive parameters of a bucket laid out in memory as in the bucket (a run of one in general)."""
+
+    params: list[torch.Tensor]
+    groups: list[dict]
+    offset: int  # element offset of the first parameter in the bucket
+    numel: int  # elements covered (the last parameter's end)
+    flat: torch.Tensor | None = None  # one flat view of the run's parameters (runs of two or more)
+
 
 @dataclass
 class _Bucket:
@@ -33,13 +91,32 @@ class _Bucket:
     params: list[tuple[torch.Tensor, dict, int]] = field(default_factory=list)  # (param, group, elem offset)
     numel: int = 0
     votes: torch.Tensor | None = None
+    exp_avg: torch.Tensor | None = None
+    runs: list[_Run] = field(default_factory=list)
+
+
+def _flat_view(t: torch.Tensor, numel: int) -> torch.Tensor:
+    """A 1-D view of ``numel`` elements of ``t``'s storage starting at ``t``'s first element."""
+    return t.detach().as_strided((numel,), (1,), t.storage_offset())
+
+
+def _adjacent(tensors: list[torch.Tensor]) -> bool:
+    """Whether the contiguous ``tensors`` follow each other in memory, same dtype, same storage."""
+    first = tensors[0]
+    for a, b in zip(tensors, tensors[1:], strict=False):
+        if (b.dtype != first.dtype or not b.is_contiguous() or not a.is_contiguous()
+                or b.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+                or b.storage_offset() != a.storage_offset() + a.numel()):
+            return False
+    return True
 
 
 class DistributedLion(torch.optim.Optimizer):
     """Distributed Lion: each rank keeps its own momentum and sends one bit per parameter per step.
 
     Args:
-        params: iterable of parameters or of param-group dicts (as any torch optimizer).
+        params: iterable of parameters or of param-group dicts (as any torch optimizer). Parameters with
+            ``requires_grad=False`` are not optimized (never voted, decayed or moved).
         lr: learning rate (> 0). Read from ``param_groups`` every step, so LR schedulers work.
         betas: ``(beta1, beta2)`` in [0, 1): beta1 mixes the vote, beta2 the momentum.
         weight_decay: decoupled weight decay (>= 0), applied locally.
@@ -48,16 +125,19 @@ class DistributedLion(torch.optim.Optimizer):
             torch.distributed is not initialized).
         raise_on_nonfinite: raise ``FloatingPointError`` on every rank instead of skipping the step when any rank
             has a non-finite gradient.
-        check_replicas_every: every K applied steps, compare a bit-level checksum of the parameters across the
-            group (one 8-byte all_gather) and raise ``RuntimeError`` if replicas diverged; 0 disables.
+        check_replicas_every: every K applied steps, compare a bit-level checksum of the parameters and the
+            hyper-parameters across the group (one small all_gather) and raise ``RuntimeError`` if replicas
+            diverged; 0 disables. None (default) means ``DEFAULT_CHECK_REPLICAS_EVERY``.
         bucket_numel: maximum elements per bucket (a larger parameter gets a bucket of its own).
+        rounding_seed: seed of the stochastic rounding of bf16 parameters (must be the same on every rank);
+            None rounds to nearest (and a bf16 weight stalls once ``lr`` is below half its ulp).
     """
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, aggregation: str = "mavo", process_group=None, *,
-                 raise_on_nonfinite: bool = False, check_replicas_every: int = 0,
-                 bucket_numel: int = DEFAULT_BUCKET_NUMEL):
-        if not lr > 0.0:
+                 raise_on_nonfinite: bool = False, check_replicas_every: int | None = None,
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL, rounding_seed: int | None = 0):
+        if isinstance(lr, bool) or not lr > 0.0:
             raise ValueError(f"Invalid lr: {lr} (must be > 0)")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"Invalid betas: {betas} (two values in [0, 1))")
@@ -65,50 +145,183 @@ class DistributedLion(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"Invalid aggregation: {aggregation!r} (allowed: {', '.join(AGGREGATIONS)})")
-        if check_replicas_every < 0:
+        if check_replicas_every is None:
+            check_replicas_every = DEFAULT_CHECK_REPLICAS_EVERY
+        if isinstance(check_replicas_every, bool) or check_replicas_every < 0:
             raise ValueError(f"Invalid check_replicas_every: {check_replicas_every} (must be >= 0)")
         if bucket_numel < 8:
             raise ValueError(f"Invalid bucket_numel: {bucket_numel} (must be >= 8)")
+        if rounding_seed is not None and not (isinstance(rounding_seed, int) and 0 <= rounding_seed < 2**31):
+            raise ValueError(f"Invalid rounding_seed: {rounding_seed!r} (an int in [0, 2**31) or None)")
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, step=0)
         super().__init__(params, defaults)
         self.aggregation = aggregation
         self.raise_on_nonfinite = raise_on_nonfinite
         self.check_replicas_every = check_replicas_every
         self.bucket_numel = bucket_numel
+        self.rounding_seed = rounding_seed
         self.exchange = VoteExchange(process_group, aggregation)
         self.process_group = process_group
         self._buckets: list[_Bucket] | None = None
+        self._layout_key: tuple | None = None
+        self._flags: dict[torch.device, torch.Tensor] = {}
         self._steps = 0
         self._skipped = 0
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; the next step re-buckets (and re-checks agreement)."""
+        super().add_param_group(param_group)
+        self._buckets = None
+
     # ------------------------------------------------------------------------------------------ layout
+    def _trainable(self) -> list[tuple[torch.Tensor, dict]]:
+        return [(p, g) for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _current_layout_key(self) -> tuple:
+        return tuple((id(p), p.requires_grad) for g in self.param_groups for p in g["params"])
+
+    def _check_param(self, p: torch.Tensor) -> None:
+        if p.is_sparse:
+            raise ValueError("DistributedLion does not support sparse parameters")
+        if p.dtype == torch.float16 and self.rounding_seed is not None and not _SR_PARAMS:
+            raise ValueError("DistributedLion: float16 parameters without fp32 master weights stall at small lr; "
+                             "keep fp32 master weights (DeepSpeed's fp16 section, megatron-core's mixed precision)")
+
     def _build_buckets(self) -> list[_Bucket]:
+        old_momentum = {p: self.state[p]["exp_avg"].clone() for p in self.state if "exp_avg" in self.state[p]}
         buckets: list[_Bucket] = []
         open_by_device: dict[torch.device, _Bucket] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.is_sparse:
-                    raise ValueError("DistributedLion does not support sparse parameters")
-                n = p.numel()
-                b = open_by_device.get(p.device)
-                if b is None or (b.numel and b.numel + n > self.bucket_numel):
-                    b = open_by_device[p.device] = _Bucket(p.device)
-                    buckets.append(b)
-                b.params.append((p, group, b.numel))
-                b.numel += -(-n // 8) * 8
+        for p, group in self._trainable():
+            self._check_param(p)
+            n = p.numel()
+            b = open_by_device.get(p.device)
+            if b is None or (b.numel and b.numel + n > self.bucket_numel):
+                b = open_by_device[p.device] = _Bucket(p.device)
+                buckets.append(b)
+            b.params.append((p, group, b.numel))
+            b.numel += -(-n // 8) * 8
+        self.exchange.release_buffers()
         for b in buckets:
             b.numel = self.exchange.padded_numel(b.numel)
             # Zero-initialised once: the alignment gaps are never written, so they stay 0 on every rank.
             b.votes = torch.zeros(b.numel // 8, dtype=torch.uint8, device=b.device)
+            b.exp_avg = torch.zeros(b.numel, dtype=torch.float32, device=b.device)
+            for p, _, off in b.params:
+                view = b.exp_avg[off: off + p.numel()].view(p.shape)
+                if p in old_momentum:
+                    view.copy_(old_momentum[p].reshape(p.shape))
+                self.state[p]["exp_avg"] = view
+            b.runs = self._runs(b)
+        self._flags = {b.device: torch.zeros(1, dtype=torch.int32, device=b.device) for b in buckets}
         return buckets
 
-    def _momentum(self, p: torch.Tensor) -> torch.Tensor:
-        state = self.state[p]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        return state["exp_avg"]
+    @staticmethod
+    def _runs(b: _Bucket) -> list[_Run]:
+        runs: list[_Run] = []
+        for p, group, off in b.params:
+            last = runs[-1] if runs else None
+            if (last is not None and last.numel % 8 == 0 and last.offset + last.numel == off
+                    and group is last.groups[-1] and p.device.type != "meta" and _adjacent([last.params[-1], p])):
+                last.params.append(p)
+                last.groups.append(group)
+                last.numel += p.numel()
+            else:
+                runs.append(_Run([p], [group], off, p.numel()))
+        for r in runs:
+            if len(r.params) > 1:
+                r.flat = _flat_view(r.params[0], r.numel)
+        return runs
+
+    def _ensure_layout(self) -> None:
+        key = self._current_layout_key()
+        if self._buckets is None or key != self._layout_key:
+            self._buckets = self._build_buckets()
+            self._layout_key = key
+            self._check_agreement()
+
+    # ------------------------------------------------------------------------------------------ agreement
+    def _settings(self) -> dict[str, object]:
+        """What must match on every rank, by name (the names appear in the mismatch error)."""
+        trainable = self._trainable()
+        return {
+            "aggregation": self.aggregation,
+            "bucket_numel": self.bucket_numel,
+            "check_replicas_every": self.check_replicas_every,
+            "raise_on_nonfinite": self.raise_on_nonfinite,
+            "rounding_seed": self.rounding_seed,
+            "parameter shapes, dtypes and order": [(tuple(p.shape), str(p.dtype)) for p, _ in trainable],
+            "frozen parameters (requires_grad=False)": [
+                i for i, p in enumerate(q for g in self.param_groups for q in g["params"]) if not p.requires_grad],
+            **self._hyper_settings(),
+        }
+
+    def _hyper_settings(self) -> dict[str, object]:
+        return {
+            "lr (per param group)": [g["lr"] for g in self.param_groups],
+            "betas (per param group)": [tuple(g["betas"]) for g in self.param_groups],
+            "weight_decay (per param group)": [g["weight_decay"] for g in self.param_groups],
+        }
+
+    def _param_checksum(self) -> torch.Tensor | None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(p.device.type == "meta" for p in params):
+            return None
+        return local_checksum(params)
+
+    def _compare(self, settings: dict[str, object], what: str) -> None:
+        """All-gather fingerprints of ``settings`` (+ the parameters' checksum); raise naming any mismatch."""
+        values: dict[str, object] = {name: _hash64(v) for name, v in settings.items()}
+        checksum = self._param_checksum()
+        if checksum is not None:
+            values["parameter values"] = checksum
+        step = self.param_groups[0]["step"] if self.param_groups else 0
+        table = gather_fingerprints(values, self.process_group, step=step)
+        bad = [name for name, per_rank in table.items() if len(set(per_rank)) > 1]
+        if not bad:
+            return
+        # Every rank saw the same table, so every rank takes this branch: the explaining gather cannot hang.
+        shown = gather_objects({k: repr(v)[:200] for k, v in settings.items()}, self.process_group, step=step)
+        lines = []
+        for name in bad:
+            by_value: dict[object, list[int]] = {}
+            for r, v in enumerate(table[name]):
+                key = shown[r].get(name, f"checksum {v}") if name in settings else f"checksum {v}"
+                by_value.setdefault(key, []).append(r)
+            lines.append(f"{name}: " + "; ".join(f"ranks {ranks} have {v}" for v, ranks in by_value.items()))
+        fix = ("Every data-parallel rank must build the same model from the same seed and the same optimizer "
+               "settings, with parameters in the same order")
+        if what == "replicas":
+            raise RuntimeError(f"DistributedLion: data-parallel replicas diverged at step {step}: "
+                               + " | ".join(lines) + f". {fix}; something outside the optimizer modified a replica.")
+        raise ValueError(f"DistributedLion: the data-parallel ranks disagree before step {step + 1}: "
+                         + " | ".join(lines) + f". {fix}.")
+
+    def _check_agreement(self) -> None:
+        if self.exchange.world_size > 1:
+            self._compare(self._settings(), "start")
+
+    def check_replicas(self) -> None:
+        """Raise ``RuntimeError`` if the parameters (bit-wise) or the hyper-parameters differ between the ranks."""
+        if self.exchange.world_size > 1:
+            self._compare(self._hyper_settings(), "replicas")
 
     # ------------------------------------------------------------------------------------------ step
+    def _run_grads(self, run: _Run) -> tuple[bool, torch.Tensor | None]:
+        """(whether the run can be launched as one, its flat gradient view)."""
+        if run.flat is None:
+            return False, None
+        grads = [p.grad for p in run.params]
+        if any(g is None for g in grads) or not _adjacent(grads):
+            return False, None
+        if run.flat.data_ptr() != run.params[0].data_ptr():  # a parameter's .data was replaced since bucketing
+            return False, None
+        return True, _flat_view(grads[0], run.numel)
+
+    def _apply_kwargs(self, p: torch.Tensor, t: int, offset: int) -> dict:
+        if p.dtype in (torch.bfloat16, torch.float16) and self.rounding_seed is not None and _SR_PARAMS:
+            return dict(rounding_seed=_step_seed(self.rounding_seed, t), elem_offset=offset)
+        return {}
+
     @torch.no_grad()
     def step(self, closure=None):
         """One D-Lion step; a collective over the process group, so every rank must call it."""
@@ -116,35 +329,76 @@ class DistributedLion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._buckets is None:
-            self._buckets = self._build_buckets()
+        self._ensure_layout()
         t = self.param_groups[0]["step"] + 1
-        flags = {b.device: torch.zeros(1, dtype=torch.int32, device=b.device) for b in self._buckets}
+        buckets = self._buckets
+        if not buckets:
+            self._finish_step(t)
+            return loss
+        for f in self._flags.values():
+            f.zero_()
+        beta1_of = {id(g): g["betas"][0] for g in self.param_groups}
 
-        # 1. every vote first, so the non-finite flag that rides on the first exchange covers all gradients.
-        for b in self._buckets:
-            for p, group, off in b.params:
-                out = b.votes[off // 8: off // 8 + -(-p.numel() // 8)]
-                lion_votes(p.grad, self._momentum(p), group["betas"][0], t, out=out, nonfinite=flags[b.device])
+        # 1. votes, bucket by bucket; each bucket leaves as soon as it is packed.
+        flights = []
+        last_device = buckets[-1].device
+        for i, b in enumerate(buckets):
+            flag = self._flags[b.device]
+            for run in b.runs:
+                whole, g = self._run_grads(run)
+                items = [(run.flat, g, run.offset, run.groups[0])] if whole else [
+                    (p, p.grad, off, group) for p, group, off in
+                    zip(run.params, run.groups, self._offsets(run), strict=True)]
+                for p, grad, off, group in items:
+                    out = b.votes[off // 8: off // 8 + -(-p.numel() // 8)]
+                    lion_votes(grad, b.exp_avg[off: off + p.numel()], beta1_of[id(group)], t, out=out,
+                               nonfinite=flag)
+            if i == len(buckets) - 1 and len(self._flags) > 1:
+                for dev, f in self._flags.items():  # the last bucket carries every device's flag
+                    if dev != last_device:
+                        flag = torch.maximum(flag, f.to(last_device))
+            flights.append(self.exchange.start(b.votes, flag, t, key=i))
 
-        # 2. exchange and apply bucket by bucket.
+        # 2. counts and all_gathers, all issued before anything is modified.
+        for flight in flights:
+            self.exchange.reduce(flight)
+
+        # 3. the skip decision: every rank's flag as of its last bucket (one host sync per step).
+        if self.exchange.any_nonfinite(flights[-1]):
+            self.exchange.drain(flights)
+            return self._skip(t, loss)
+
+        # 4. apply each bucket as its aggregate lands.
         n_ranks = self.exchange.world_size
-        for i, b in enumerate(self._buckets):
-            agg = self.exchange.exchange(b.votes, flags[b.device], t)
-            if agg is None:
-                assert i == 0, "the non-finite flag travels with the first bucket"
-                return self._skip(t, loss)
-            for p, group, off in b.params:
-                lo = off // 8
-                lion_apply(p, self.state[p]["exp_avg"], p.grad, agg[:, lo: lo + -(-p.numel() // 8)], n_ranks,
-                           group["lr"], group["weight_decay"], group["betas"][1], self.aggregation)
+        for b, flight in zip(buckets, flights, strict=True):
+            agg = self.exchange.finish(flight)
+            for run in b.runs:
+                whole, g = self._run_grads(run)
+                items = [(run.flat, g, run.offset, run.groups[0])] if whole else [
+                    (p, p.grad, off, group) for p, group, off in
+                    zip(run.params, run.groups, self._offsets(run), strict=True)]
+                for p, grad, off, group in items:
+                    lo = off // 8
+                    lion_apply(p, b.exp_avg[off: off + p.numel()], grad, agg[:, lo: lo + -(-p.numel() // 8)],
+                               n_ranks, group["lr"], group["weight_decay"], group["betas"][1], self.aggregation,
+                               **self._apply_kwargs(p, t, off))
+        self._finish_step(t)
+        return loss
 
+    @staticmethod
+    def _offsets(run: _Run) -> list[int]:
+        offs, off = [], run.offset
+        for p in run.params:
+            offs.append(off)
+            off += -(-p.numel() // 8) * 8
+        return offs
+
+    def _finish_step(self, t: int) -> None:
         for group in self.param_groups:
             group["step"] = t
         self._steps += 1
         if self.check_replicas_every and t % self.check_replicas_every == 0:
             self.check_replicas()
-        return loss
 
     def _skip(self, t: int, loss):
         self._skipped += 1
@@ -155,25 +409,17 @@ class DistributedLion(torch.optim.Optimizer):
         logger.warning(msg)
         return loss
 
-    # ------------------------------------------------------------------------------------------ checks & stats
-    def check_replicas(self) -> None:
-        """Raise ``RuntimeError`` if the parameters differ (bit-wise) between the ranks of the group."""
-        sums = replica_checksum([p for g in self.param_groups for p in g["params"]], self.process_group)
-        if len(set(sums)) > 1:
-            raise RuntimeError(
-                f"DistributedLion: data-parallel replicas diverged at step {self.param_groups[0]['step']} "
-                f"(parameter checksums per rank: {sums}). Every rank must call step() with the same parameters "
-                f"in the same order; something outside the optimizer modified a replica.")
-
+    # ------------------------------------------------------------------------------------------ stats
     def comm_stats(self) -> dict:
         """Cumulative statistics of this rank.
 
         Returns:
             ``{"steps", "params", "bytes_sent", "bytes_received", "skipped_steps", "world_size",
             "aggregation", "bits_per_param_step"}``; bytes are payload bytes this rank hands to / receives from
-            other ranks in collectives; ``steps`` counts applied and skipped steps.
+            other ranks in collectives (the vote exchange; the small agreement checks are not counted);
+            ``params`` counts trainable parameters' elements; ``steps`` counts applied and skipped steps.
         """
-        n_params = sum(p.numel() for g in self.param_groups for p in g["params"])
+        n_params = sum(p.numel() for p, _ in self._trainable())
         steps = self._steps + self._skipped
         sent = self.exchange.bytes_sent
         return {
@@ -192,7 +438,8 @@ class DistributedLion(torch.optim.Optimizer):
         """Standard loading, except that momentum stays fp32 whatever the parameter dtype.
 
         (``torch.optim.Optimizer`` casts floating-point state to the parameter's dtype; for bf16 parameters that
-        would round the momentum, and the votes depend on it.)
+        would round the momentum, and the votes depend on it.) The next step re-buckets: the loaded momentum is
+        copied into the bucket layout.
         """
         saved = {k: v["exp_avg"].clone() for k, v in state_dict["state"].items() if "exp_avg" in v}
         super().load_state_dict(state_dict)

@@ -1,0 +1,63 @@
+"""Fault injection: a stalled (SIGSTOP) or killed (SIGKILL) rank makes every other rank exit, non-zero, with one line
+naming the step and the collective, within the process-group timeout plus a slack (never torch's 30-minute default).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _dist import free_port
+
+WORKER = Path(__file__).with_name("_fault_worker.py")
+WORLD, VICTIM, FAULT_STEP, TIMEOUT_S = 3, 1, 5, 5.0
+# Interpreter teardown and a loaded 2-core CI machine; a hang would take torch's default of 30 minutes.
+SLACK_S = 25.0
+
+
+def _run(tmp_path: Path, fault: str) -> tuple[float, dict[int, tuple[int, float, str]]]:
+    port = free_port()
+    procs = {}
+    for rank in range(WORLD):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(WORLD))
+        procs[rank] = subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp_path), fault, str(VICTIM), str(FAULT_STEP), str(TIMEOUT_S)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = {}
+    try:
+        for rank, proc in procs.items():
+            if rank == VICTIM:
+                continue
+            out, _ = proc.communicate(timeout=180)
+            results[rank] = (proc.returncode, time.time(), out)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return float((tmp_path / "fault_time").read_text()), results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["stop", "kill"])
+def test_stalled_or_dead_peer_ends_every_rank(tmp_path, fault):
+    fault_time, results = _run(tmp_path, fault)
+    assert sorted(results) == [r for r in range(WORLD) if r != VICTIM]
+    for rank, (code, end, out) in results.items():
+        assert code != 0, f"rank {rank} exited 0 although a peer {fault}ped:\n{out[-2000:]}"
+        assert not (tmp_path / f"finished_{rank}").exists()
+        lines = [ln for ln in out.splitlines() if "CollectiveError: distlion_ds: step" in ln]
+        assert lines, out[-3000:]
+        assert f"step {FAULT_STEP}: all_to_all_single of bucket 0 on a group of {WORLD} ranks" in lines[-1]
+        if fault == "kill":
+            assert "peer: 127.0.0.1:" in lines[-1], lines[-1]
+        else:  # the stalled peer is noticed by the process group's timeout, not before, not 30 minutes later
+            waited = float(re.search(r"failed after ([0-9.]+) s", lines[-1]).group(1))
+            assert TIMEOUT_S - 0.5 <= waited < TIMEOUT_S + SLACK_S, lines[-1]
+        assert end - fault_time < TIMEOUT_S + SLACK_S, (rank, end - fault_time)
