@@ -190,3 +190,35 @@ def test_replica_check_is_on_by_default_and_bool_lr_refused():
         DistributedLion([torch.nn.Parameter(torch.zeros(4))], lr=True)
     with pytest.raises(ValueError, match="rounding_seed"):
         DistributedLion([torch.nn.Parameter(torch.zeros(4))], rounding_seed=-1)
+
+
+def test_bf16_without_master_weights_does_not_stall_and_fp16_is_refused():
+    # lr = 1/16 of the ulp of 1.0 in bf16 (2**-7): round-to-nearest never moves the weight, stochastic rounding moves
+    # it by lr in expectation. A steady gradient of +1 makes every vote +1: the weight descends by lr a step.
+    n, steps, lr = 4096, 8, 2.0 ** -11
+    results = {}
+    for seed in (None, 0):
+        p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+        opt = DistributedLion([p], lr=lr, betas=(0.9, 0.99), rounding_seed=seed)
+        for _ in range(steps):
+            p.grad = torch.ones(n, dtype=torch.bfloat16)
+            opt.step()
+        results[seed] = p.detach().double()
+    assert torch.equal(results[None], torch.ones(n, dtype=torch.float64))  # round-to-nearest: stalled
+    moved = 1.0 - results[0].mean().item()
+    expected = steps * lr
+    # Unbiased rounding makes each step's rounding error a zero-mean martingale difference with variance at most
+    # ulp**2 / 4 (ulp = 2**-8 on [0.5, 1)); so the mean over n weights has sd <= sqrt(steps / 4) * ulp / sqrt(n).
+    sd = (steps / 4) ** 0.5 * 2.0 ** -8 / n ** 0.5
+    assert abs(moved - expected) < 4 * sd, (moved, expected)
+    # Replicas: the same seed gives the same bits.
+    q = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    opt = DistributedLion([q], lr=lr, rounding_seed=0)
+    for _ in range(steps):
+        q.grad = torch.ones(n, dtype=torch.bfloat16)
+        opt.step()
+    assert torch.equal(q.detach().double(), results[0])
+    with pytest.raises(ValueError, match="float16 parameter"):
+        h = torch.nn.Parameter(torch.ones(8, dtype=torch.float16))
+        h.grad = torch.ones(8, dtype=torch.float16)
+        DistributedLion([h]).step()

@@ -34,14 +34,13 @@ the hyper-parameters are compared again (default: on; its cost is measured in be
 16-bit parameters without fp32 master weights. Lion moves a weight by ``lr``; in bf16 an update below half an ulp of
 the weight rounds away and training silently stalls. bf16 parameters are therefore rounded stochastically (unbiased,
 seeded by ``rounding_seed`` and the step, identical on every rank so replicas stay bit-identical). fp16 parameters are
-refused when stochastic rounding is not available for them: keep fp32 master weights (DeepSpeed's fp16 section,
-megatron-core's mixed precision) instead.
+refused unless ``rounding_seed=None``: keep fp32 master weights (DeepSpeed's fp16 section, megatron-core's mixed
+precision) instead.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -60,9 +59,6 @@ DEFAULT_BUCKET_NUMEL = 1 << 25
 # kernel traffic plus the exchange; benchmarks/bench_replica_check.py measures the ratio. Every 500 steps keeps the
 # cost below 0.1 % of training time (RESULTS.md), and a divergence is still caught within minutes.
 DEFAULT_CHECK_REPLICAS_EVERY = 500
-
-_SR_PARAMS = frozenset(inspect.signature(lion_apply).parameters) >= {"rounding_seed", "elem_offset"}
-
 
 def _hash64(value) -> int:
     digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
@@ -183,9 +179,12 @@ class DistributedLion(torch.optim.Optimizer):
     def _check_param(self, p: torch.Tensor) -> None:
         if p.is_sparse:
             raise ValueError("DistributedLion does not support sparse parameters")
-        if p.dtype == torch.float16 and self.rounding_seed is not None and not _SR_PARAMS:
-            raise ValueError("DistributedLion: float16 parameters without fp32 master weights stall at small lr; "
-                             "keep fp32 master weights (DeepSpeed's fp16 section, megatron-core's mixed precision)")
+        if p.dtype == torch.float16 and self.rounding_seed is not None:
+            raise ValueError(
+                f"DistributedLion: a float16 parameter of shape {tuple(p.shape)}: without fp32 master weights a "
+                "Lion update below half an ulp rounds away and training stalls, and stochastic rounding is "
+                "implemented for bfloat16 only. Keep fp32 master weights (DeepSpeed's fp16 section, megatron-core's "
+                "mixed precision), use bfloat16, or pass rounding_seed=None to accept round-to-nearest")
 
     def _build_buckets(self) -> list[_Bucket]:
         old_momentum = {p: self.state[p]["exp_avg"].clone() for p in self.state if "exp_avg" in self.state[p]}
@@ -318,7 +317,7 @@ class DistributedLion(torch.optim.Optimizer):
         return True, _flat_view(grads[0], run.numel)
 
     def _apply_kwargs(self, p: torch.Tensor, t: int, offset: int) -> dict:
-        if p.dtype in (torch.bfloat16, torch.float16) and self.rounding_seed is not None and _SR_PARAMS:
+        if p.dtype == torch.bfloat16 and self.rounding_seed is not None:
             return dict(rounding_seed=_step_seed(self.rounding_seed, t), elem_offset=offset)
         return {}
 
