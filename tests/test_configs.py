@@ -32,3 +32,44 @@ def test_config_loads(path):
         assert "optimizer" not in plan.deepspeed_config  # DeepSpeed gets our optimizer as an object
     else:
         assert plan is None  # any other optimizer goes to DeepSpeed unchanged
+
+
+@pytest.mark.parametrize("cfg, needles", [
+    ({"activations": {"method": "topk", "ratio": True}}, ["activations.ratio", "valid number", "got True"]),
+    ({"gradients": {"method": "quantize", "bits": 8.0}}, ["gradients.bits", "2, 4, 8", "got 8.0"]),
+    ({"gradients": {"method": "quantize", "bits": True}}, ["gradients.bits", "got True"]),
+    ({"gradients": {"method": "quantize", "block_size": 256.0}}, ["gradients.block_size", "valid integer"]),
+    ({"gradients": {"method": "quantize", "stochastic": 1}}, ["gradients.stochastic", "valid boolean", "got 1"]),
+    ({"aqsgd": {"warmup_epochs": False}}, ["aqsgd.warmup_epochs", "got False"]),
+    ({"aqsgd": {"path": 3}}, ["aqsgd.path", "got 3"]),
+    ({"activations": {"method": "lz4"}}, ["activations.method", "'none', 'topk', 'quantize'", "got 'lz4'"]),
+])
+def test_compression_strict_types(cfg, needles, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    for source in (cfg, json.dumps(cfg), str(path)):
+        with pytest.raises(ValueError) as e:
+            CompressionConfig.from_json(source)
+        for needle in needles:
+            assert needle in str(e.value), (needle, str(e.value))
+        assert (str(path) in str(e.value)) == (source == str(path))  # the file is named when there is one
+
+
+@pytest.mark.parametrize("source", [True, False, 1, 0, None, [], 1.5])
+def test_compression_source_of_another_type_refused_before_open(source, capfd):
+    with pytest.raises(ValueError, match=r"p2p_compression: expected a JSON object .* got "):
+        CompressionConfig.from_json(source, key="p2p_compression")
+    print("stdout still open")  # from_json(True) once reached open(1) and closed file descriptor 1
+    assert "stdout still open" in capfd.readouterr().out
+
+
+def test_compression_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(ValueError, match="neither a JSON document nor an existing file"):
+        CompressionConfig.from_json(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"activations": ')
+    with pytest.raises(ValueError, match=f"compression config {bad}: invalid JSON"):
+        CompressionConfig.from_json(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"compression config {bad}: must be a JSON object"):
+        CompressionConfig.from_json(str(bad))

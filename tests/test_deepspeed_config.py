@@ -220,3 +220,103 @@ def test_config_module_is_lean():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------ strict types (issue 9)
+
+
+def test_deepspeed_builtin_optimizer_list_is_pinned():
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    from distlion_ds.deepspeed.config import DEEPSPEED_BUILTIN_OPTIMIZERS
+
+    assert sorted(DEEPSPEED_BUILTIN_OPTIMIZERS) == sorted(DEEPSPEED_OPTIMIZERS)
+
+
+@pytest.mark.parametrize(
+    "cfg, needles",
+    [
+        (_dlion({"lr": True}), ["optimizer.params.lr", "valid number", "got True"]),  # was read as lr 1.0
+        (_dlion({"lr": "1e-3"}), ["optimizer.params.lr", "got '1e-3'"]),
+        (_dlion({"betas": [True, 0.99]}), ["optimizer.params.betas.0", "got True"]),
+        (_dlion({"weight_decay": False}), ["optimizer.params.weight_decay"]),
+        (_dlion({"raise_on_nonfinite": 1}), ["optimizer.params.raise_on_nonfinite", "valid boolean", "got 1"]),
+        (_dlion({"check_replicas_every": True}), ["optimizer.params.check_replicas_every", "got True"]),
+        (_dlion({"bucket_numel": 64.0}), ["optimizer.params.bucket_numel", "valid integer"]),
+        (_dlion({"rounding_seed": 2**31}), ["optimizer.params.rounding_seed", "less than 2147483648"]),
+        (_dlion({"rounding_seed": -1}), ["optimizer.params.rounding_seed", "greater than or equal to 0"]),
+        (_dlion({"rounding_seed": None}), ["optimizer.params.rounding_seed"]),
+        (_dlion(zero_optimization={"stage": None}), ["zero_optimization.stage", "0, 1, 2, 3", "None (NoneType)"]),
+        (_dlion(zero_optimization={"stage": "0"}), ["zero_optimization.stage", "'0' (str)"]),
+        (_dlion(zero_optimization={"stage": 0.0}), ["zero_optimization.stage", "0.0 (float)"]),
+        (_dlion(zero_optimization=None), ["zero_optimization", "JSON object"]),
+        (_dlion(gradient_clipping=True), ["gradient_clipping", "True (bool)"]),
+        (_dlion(gradient_clipping=float("inf")), ["gradient_clipping", "finite"]),
+        (_dlion(bf16={"enabled": "false"}), ["bf16.enabled", "true or false", "'false' (str)"]),
+        (_dlion(distlion={"distributed_timeout_minutes": 0}), ["distlion.distributed_timeout_minutes", "greater"]),
+        (_dlion(distlion={"distributed_timeout_minutes": True}), ["distlion.distributed_timeout_minutes", "True"]),
+        (_dlion(distlion={"timeout": 5}), ["distlion.timeout", "unknown key", "distributed_timeout_minutes"]),
+        (_dlion(distlion=[10]), ["distlion", "JSON object"]),
+        (_dlion(p2p_compression=True), ["p2p_compression", "got True (bool)"]),  # reached open(1) before
+        (_dlion(p2p_compression=1), ["p2p_compression", "got 1 (int)"]),
+        (_dlion(p2p_compression={"activations": {"method": "topk", "ratio": True}}),
+         ["p2p_compression.activations.ratio", "got True"]),
+        ({"optimizer": {"type": "Lionn"}}, ["optimizer.type", "'Lionn'", "DistributedLion", "adamw", "lamb", "SGD"]),
+        ({"optimizer": {"type": None}}, ["optimizer.type", "None"]),
+        ({"optimizer": "adam"}, ["optimizer", "JSON object", "'adam' (str)"]),
+    ],
+)
+def test_strict_types_refused_naming_key_and_value(cfg, needles):
+    with pytest.raises(ValueError) as err:
+        parse_deepspeed_config(cfg)
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_p2p_true_does_not_close_stdout(capfd):
+    with pytest.raises(ValueError, match="p2p_compression"):
+        parse_deepspeed_config(_dlion(p2p_compression=True))
+    sys.stdout.write("still open\n")
+    sys.stdout.flush()
+    assert "still open" in capfd.readouterr().out
+
+
+def test_errors_name_the_file(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(_dlion({"lr": True})))
+    with pytest.raises(ValueError, match=f"DeepSpeed config {path}: .*optimizer.params.lr"):
+        parse_deepspeed_config(str(path))
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=f"DeepSpeed config {path}: invalid JSON"):
+        parse_deepspeed_config(str(path))
+
+
+def test_known_optimizer_types_pass_through():
+    for name in ("AdamW", "adamw", "ADAM", "Lamb", "lion", "muon", "SGD", "RMSprop", "Adafactor"):
+        assert parse_deepspeed_config({"optimizer": {"type": name, "params": {"lr": True}}}) is None, name
+    assert parse_deepspeed_config({"optimizer": {"params": {}}}) is None  # no type: DeepSpeed builds none
+
+
+def test_distlion_section_and_new_params():
+    from distlion_ds.deepspeed.config import DistlionSection, parse_distlion_section, split_distlion_section
+
+    plan = parse_deepspeed_config(_dlion({"rounding_seed": 7, "check_replicas_every": 0},
+                                         distlion={"distributed_timeout_minutes": 2.5}))
+    assert plan.distlion == DistlionSection(distributed_timeout_minutes=2.5)
+    assert "distlion" not in plan.deepspeed_config
+    kwargs = plan.optimizer.model_dump(exclude_none=True)
+    assert kwargs["rounding_seed"] == 7 and kwargs["check_replicas_every"] == 0
+    # Defaults: check_replicas_every None is left out of the kwargs (the optimizer's own default applies).
+    default = parse_deepspeed_config(_dlion())
+    assert default.distlion.distributed_timeout_minutes == 10.0
+    assert "check_replicas_every" not in default.optimizer.model_dump(exclude_none=True)
+    assert default.optimizer.rounding_seed == 0
+    # The section is ours whatever the optimizer; DeepSpeed never sees it.
+    raw = {"optimizer": {"type": "AdamW"}, "distlion": {"distributed_timeout_minutes": 1}}
+    assert parse_deepspeed_config(raw) is None
+    assert parse_distlion_section(raw).distributed_timeout_minutes == 1.0
+    rest, section = split_distlion_section(raw)
+    assert rest == {"optimizer": {"type": "AdamW"}} and section.distributed_timeout_minutes == 1.0
+    assert parse_distlion_section({}) == DistlionSection()
+    with pytest.raises(ValueError, match="distlion.distributed_timeout_minutes"):
+        parse_distlion_section({"optimizer": {"type": "AdamW"}, "distlion": {"distributed_timeout_minutes": -1}})

@@ -15,6 +15,18 @@ rewritten here, before any process group or engine exists:
 - ``torch_autocast`` with float16 is refused: its torch GradScaler decides to skip a step from the local
   gradients only, so ranks would disagree on skipping (and hang in the vote exchange).
 
+Our own settings live in a top-level ``"distlion"`` section (accepted whatever the optimizer is, removed before
+DeepSpeed sees the config; :class:`DistlionSection`)::
+
+    "distlion": {"distributed_timeout_minutes": 10}
+
+Every value is checked strictly (no bool -> number coercion: ``"lr": true`` is refused, not read as 1.0; no string
+-> number; no float -> int), and every error names the file (when the config came from one), the key path, the value
+and what is allowed, before any process group exists. An optimizer ``type`` that is neither ours nor one DeepSpeed
+0.19.8 knows (its built-ins, case-insensitive, or a ``torch.optim`` class name) is refused listing both. A
+``"p2p_compression"`` block, when present, is validated too (a dict or the path of a JSON file; ``true`` or a number
+is refused before anything is opened).
+
 This module imports neither deepspeed nor torch.distributed, so configs can be checked anywhere.
 """
 
@@ -22,53 +34,86 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
+
+from distlion_ds.compress.config import CompressionConfig
 
 __all__ = [
+    "DEEPSPEED_BUILTIN_OPTIMIZERS",
+    "DISTLION_SECTION",
     "DISTRIBUTED_LION_TYPE",
     "DistLionDeepSpeedPlan",
+    "DistlionSection",
     "DistributedLionParams",
     "load_deepspeed_config",
     "parse_deepspeed_config",
+    "parse_distlion_section",
+    "split_distlion_section",
 ]
 
 DISTRIBUTED_LION_TYPE = "DistributedLion"
+DISTLION_SECTION = "distlion"
+P2P_COMPRESSION_SECTION = "p2p_compression"  # the block distlion_ds.deepspeed.pipe_compression takes out
 
 # DeepSpeed's own default (deepspeed/runtime/constants.py, GRADIENT_CLIPPING_DEFAULT); kept as a literal so that
 # this module does not import deepspeed. tests/test_deepspeed_config.py pins it against the installed DeepSpeed.
 DEEPSPEED_GRADIENT_CLIPPING_DEFAULT = 1.0
 
+# DeepSpeed 0.19.8's built-in optimizer types (deepspeed/runtime/config.py, DEEPSPEED_OPTIMIZERS; it lower-cases the
+# configured type before comparing). Any other type DeepSpeed resolves as getattr(torch.optim, type). A literal, so
+# that checking a config does not import deepspeed; tests/test_deepspeed_config.py pins it against the installed one.
+DEEPSPEED_BUILTIN_OPTIMIZERS = ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon")
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+
 
 class DistributedLionParams(BaseModel):
     """``optimizer.params`` for ``"type": "DistributedLion"`` (the keyword arguments of DistributedLion)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    lr: float = Field(1e-4, gt=0.0, allow_inf_nan=False)
+    lr: Annotated[StrictFloat, Field(gt=0.0, allow_inf_nan=False)] = 1e-4
     """Learning rate: the size of every step (MaVo moves each weight by exactly ``lr``). DeepSpeed's scheduler
     section, when present, overwrites it every step."""
 
-    betas: tuple[float, float] = (0.9, 0.99)
-    """(beta1, beta2): beta1 mixes momentum and gradient for the vote, beta2 is the momentum's EMA rate."""
+    betas: tuple[FiniteFloat, FiniteFloat] = (0.9, 0.99)
+    """(beta1, beta2), each in [0, 1): beta1 mixes momentum and gradient for the vote, beta2 is the momentum's EMA
+    rate."""
 
-    weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    weight_decay: Annotated[StrictFloat, Field(ge=0.0, allow_inf_nan=False)] = 0.0
     """Decoupled weight decay, applied locally: ``p <- p * (1 - lr * weight_decay)``."""
 
     aggregation: Literal["mavo", "avg"] = "mavo"
     """How votes are combined: ``mavo`` (majority vote, sign of the sum) or ``avg`` (mean of the votes)."""
 
-    raise_on_nonfinite: bool = False
+    raise_on_nonfinite: StrictBool = False
     """Raise instead of skipping the step (on every rank) when any rank has a non-finite gradient."""
 
-    check_replicas_every: int = Field(0, ge=0)
+    check_replicas_every: Annotated[StrictInt, Field(ge=0)] | None = None
     """Every K optimizer steps compare a checksum of the parameters across DP ranks and raise if they differ;
-    0 disables the check."""
+    0 disables the check; ``null`` keeps DistributedLion's default (not passed to it)."""
 
-    bucket_numel: int | None = Field(None, ge=8)
+    bucket_numel: Annotated[StrictInt, Field(ge=8)] | None = None
     """Maximum elements per vote-exchange bucket; ``null`` keeps DistributedLion's default (2**25)."""
+
+    rounding_seed: Annotated[StrictInt, Field(ge=0, lt=2**31)] = 0
+    """Seed of the stochastic rounding of 16-bit parameters without fp32 master weights, in [0, 2**31). Equal on
+    every rank (the config is), so replicas round identically."""
 
     @field_validator("betas")
     @classmethod
@@ -77,6 +122,19 @@ class DistributedLionParams(BaseModel):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {beta}")
         return value
+
+
+class DistlionSection(BaseModel):
+    """The top-level ``"distlion"`` section of a DeepSpeed config: settings of ours that DeepSpeed does not read.
+
+    Accepted whatever the optimizer is; DeepSpeed never sees it (:func:`split_distlion_section`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    distributed_timeout_minutes: Annotated[StrictFloat, Field(gt=0.0, allow_inf_nan=False)] = 10.0
+    """Process-group timeout in minutes (Megatron-LM's ``--distributed-timeout-minutes``): a stalled or dead peer
+    makes every other rank's collective fail after this long instead of hanging for torch's default 30 minutes."""
 
 
 class DistLionDeepSpeedPlan(BaseModel):
@@ -90,11 +148,21 @@ class DistLionDeepSpeedPlan(BaseModel):
     gradient_clipping: float
     """Max L2 norm of each rank's local gradient (0 disables clipping)."""
 
+    distlion: DistlionSection = DistlionSection()
+    """The ``"distlion"`` section (defaults when the config has none)."""
+
     deepspeed_config: dict[str, Any]
-    """The config to give DeepSpeed: no ``optimizer`` section and ``gradient_clipping`` 0."""
+    """The config to give DeepSpeed: no ``optimizer`` and no ``distlion`` section, ``gradient_clipping`` 0."""
 
 
 _SECTION_KEYS = frozenset({"type", "params"})
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 120:
+        text = text[:117] + "..."
+    return f"{text} ({type(value).__name__})"
 
 
 def load_deepspeed_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +173,9 @@ def load_deepspeed_config(config: str | os.PathLike | dict[str, Any]) -> dict[st
 
     Returns:
         The config dict.
+
+    Raises:
+        ValueError: not a dict nor an existing file, unreadable JSON, or not a JSON object (naming the file).
     """
     if isinstance(config, dict):
         return copy.deepcopy(config)
@@ -114,9 +185,13 @@ def load_deepspeed_config(config: str | os.PathLike | dict[str, Any]) -> dict[st
         try:
             import hjson  # DeepSpeed's own reader (it accepts comments); a DeepSpeed dependency
         except ImportError:  # pragma: no cover - deepspeed always brings hjson
-            loaded = json.loads(text)
+            decode, decode_error = json.loads, json.JSONDecodeError
         else:
-            loaded = hjson.loads(text)
+            decode, decode_error = hjson.loads, hjson.HjsonDecodeError
+        try:
+            loaded = decode(text)
+        except decode_error as e:
+            raise ValueError(f"DeepSpeed config {os.fspath(config)}: invalid JSON: {e}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"DeepSpeed config {config} must hold a JSON object, got {type(loaded).__name__}")
         return dict(loaded)
@@ -131,6 +206,18 @@ def _is_distributed_lion(section: Any) -> bool:
     )
 
 
+def _torch_optimizer_names() -> list[str]:
+    import torch.optim  # imported here: only an unknown optimizer type needs it
+
+    return sorted(
+        name
+        for name in dir(torch.optim)
+        if isinstance(getattr(torch.optim, name), type)
+        and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)
+        and name != "Optimizer"
+    )
+
+
 def _format_validation_error(prefix: str, err: ValidationError, model: type[BaseModel]) -> str:
     lines = []
     for item in err.errors():
@@ -139,21 +226,91 @@ def _format_validation_error(prefix: str, err: ValidationError, model: type[Base
             allowed = ", ".join(model.model_fields)
             lines.append(f"{key}: unknown key (allowed keys: {allowed})")
         else:
-            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
-    return "invalid DistributedLion config: " + "; ".join(lines)
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {item.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _validate_section(model: type[BaseModel], value: Any, prefix: str) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"{prefix}: must be a JSON object (allowed keys: {', '.join(model.model_fields)}), got "
+                         f"{_describe(value)}")
+    try:
+        return model.model_validate(value)
+    except ValidationError as err:
+        raise ValueError(_format_validation_error(prefix, err, model)) from None
+
+
+def parse_distlion_section(raw: dict[str, Any]) -> DistlionSection:
+    """The ``"distlion"`` section of a DeepSpeed config dict, validated (defaults when absent).
+
+    Args:
+        raw: the whole DeepSpeed config dict (as :func:`load_deepspeed_config` returns it).
+
+    Returns:
+        The section.
+
+    Raises:
+        ValueError: naming ``distlion.<key>``, the value and what is allowed.
+    """
+    return _validate_section(DistlionSection, raw.get(DISTLION_SECTION, {}), DISTLION_SECTION)
+
+
+def split_distlion_section(raw: dict[str, Any]) -> tuple[dict[str, Any], DistlionSection]:
+    """``(the config without its "distlion" section, the validated section)``: DeepSpeed must not see it."""
+    section = parse_distlion_section(raw)
+    return {k: v for k, v in raw.items() if k != DISTLION_SECTION}, section
 
 
 def _zero_stage(zero: Any) -> int:
     if isinstance(zero, bool):  # legacy "zero_optimization": true meant stage 1
         return int(zero)
-    if isinstance(zero, dict):
-        stage = zero.get("stage", 0)
-        return int(stage) if not isinstance(stage, str) else int(stage.strip() or 0)
-    return 0
+    if not isinstance(zero, dict):
+        raise ValueError(f'zero_optimization: must be a JSON object such as {{"stage": 0}}, got {_describe(zero)}')
+    stage = zero.get("stage", 0)
+    if type(stage) is not int or stage not in ZERO_STAGES:
+        raise ValueError(
+            f"zero_optimization.stage: must be one of {', '.join(map(str, ZERO_STAGES))} (an integer; "
+            f"DistributedLion needs 0), got {_describe(stage)}"
+        )
+    return stage
 
 
-def _enabled(section: Any) -> bool:
-    return isinstance(section, dict) and bool(section.get("enabled", False))
+def _enabled(raw: dict[str, Any], key: str) -> bool:
+    section = raw.get(key)
+    if section is None:
+        return False
+    if not isinstance(section, dict):
+        raise ValueError(f'{key}: must be a JSON object such as {{"enabled": true}}, got {_describe(section)}')
+    enabled = section.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"{key}.enabled: must be true or false, got {_describe(enabled)}")
+    return enabled
+
+
+def _check_optimizer_type(section: Any) -> bool:
+    """Whether the optimizer section selects DistributedLion; refuses a type no one knows (listing both)."""
+    if section is None:
+        return False
+    if not isinstance(section, dict):
+        raise ValueError(
+            f'optimizer: must be a JSON object such as {{"type": "{DISTRIBUTED_LION_TYPE}", "params": {{...}}}}, '
+            f"got {_describe(section)}"
+        )
+    if "type" not in section:
+        return False  # DeepSpeed then builds no optimizer from the config (one is passed in code)
+    type_name = section["type"]
+    if isinstance(type_name, str) and type_name.lower() == DISTRIBUTED_LION_TYPE.lower():
+        return True
+    if isinstance(type_name, str) and (
+        type_name.lower() in DEEPSPEED_BUILTIN_OPTIMIZERS or type_name in _torch_optimizer_names()
+    ):
+        return False
+    raise ValueError(
+        f"optimizer.type: unknown optimizer {_describe(type_name)}. Allowed: ours, {DISTRIBUTED_LION_TYPE!r} "
+        f"(case-insensitive); DeepSpeed's built-ins (case-insensitive): {', '.join(DEEPSPEED_BUILTIN_OPTIMIZERS)}; "
+        f"or a torch.optim class name: {', '.join(_torch_optimizer_names())}"
+    )
 
 
 def parse_deepspeed_config(
@@ -167,14 +324,29 @@ def parse_deepspeed_config(
 
     Returns:
         ``None`` when the optimizer section is absent or is not DistributedLion (DeepSpeed gets the config
-        unchanged); else the plan: optimizer arguments, local clipping norm and the config for DeepSpeed.
+        unchanged); else the plan: optimizer arguments, local clipping norm, our ``distlion`` section and the
+        config for DeepSpeed.
 
     Raises:
-        ValueError: naming the key, for an invalid optimizer section or a DeepSpeed setting D-Lion cannot use.
+        ValueError: naming the file (for a path), the key path, the value and what is allowed: an invalid
+            ``optimizer``, ``distlion`` or ``p2p_compression`` section, an optimizer type neither ours nor
+            DeepSpeed's, or a DeepSpeed setting D-Lion cannot use.
     """
     raw = load_deepspeed_config(config)
+    try:
+        return _parse(raw, pipeline)
+    except ValueError as e:
+        if isinstance(config, dict):
+            raise
+        raise ValueError(f"DeepSpeed config {os.fspath(config)}: {e}") from None
+
+
+def _parse(raw: dict[str, Any], pipeline: bool) -> DistLionDeepSpeedPlan | None:
+    distlion = parse_distlion_section(raw)
+    if P2P_COMPRESSION_SECTION in raw:
+        CompressionConfig.from_json(raw[P2P_COMPRESSION_SECTION], key=P2P_COMPRESSION_SECTION)
     section = raw.get("optimizer")
-    if not _is_distributed_lion(section):
+    if not _check_optimizer_type(section):
         return None
     unknown = sorted(set(section) - _SECTION_KEYS)
     if unknown:
@@ -182,13 +354,10 @@ def parse_deepspeed_config(
             f"invalid DistributedLion config: optimizer.{unknown[0]}: unknown key "
             f"(allowed keys: {', '.join(sorted(_SECTION_KEYS))})"
         )
-    params = section.get("params", {})
-    if not isinstance(params, dict):
-        raise ValueError(f"optimizer.params must be a JSON object, got {params!r}")
     try:
-        optimizer = DistributedLionParams.model_validate(params)
-    except ValidationError as err:
-        raise ValueError(_format_validation_error("optimizer.params", err, DistributedLionParams)) from None
+        optimizer = _validate_section(DistributedLionParams, section.get("params", {}), "optimizer.params")
+    except ValueError as e:
+        raise ValueError(f"invalid DistributedLion config: {e}") from None
 
     zero = raw.get("zero_optimization", {})
     stage = _zero_stage(zero)
@@ -214,10 +383,10 @@ def parse_deepspeed_config(
                 )
 
     clip = raw.get("gradient_clipping", DEEPSPEED_GRADIENT_CLIPPING_DEFAULT)
-    if isinstance(clip, bool) or not isinstance(clip, int | float) or not clip >= 0.0 or clip == float("inf"):
-        raise ValueError(f"gradient_clipping must be a finite number >= 0, got {clip!r}")
+    if isinstance(clip, bool) or not isinstance(clip, int | float) or not clip >= 0.0 or not math.isfinite(clip):
+        raise ValueError(f"gradient_clipping: must be a finite number >= 0, got {_describe(clip)}")
 
-    bf16 = _enabled(raw.get("bf16")) or _enabled(raw.get("bfloat16"))
+    bf16 = _enabled(raw, "bf16") or _enabled(raw, "bfloat16")
     if pipeline and bf16:
         raise ValueError(
             "bf16.enabled with a PipelineModule cannot be used with DistributedLion: DeepSpeed then wraps the "
@@ -226,13 +395,17 @@ def parse_deepspeed_config(
             "Use fp16 (dynamic loss scaling) or fp32 with pipeline parallelism."
         )
     autocast = raw.get("torch_autocast")
-    if _enabled(autocast) and str(autocast.get("dtype", "")).lower() in ("fp16", "float16", "half", "torch.float16"):
+    if _enabled(raw, "torch_autocast") and str(autocast.get("dtype", "")).lower() in (
+        "fp16", "float16", "half", "torch.float16"
+    ):
         raise ValueError(
             "torch_autocast.dtype=float16 cannot be used with DistributedLion: its GradScaler skips a step from "
             "the local gradients only, so ranks would disagree on skipping. Use the fp16 section (dynamic loss "
             "scaling agrees on overflow across ranks) or torch_autocast with bfloat16."
         )
 
-    ds_config = {k: v for k, v in raw.items() if k != "optimizer"}
+    ds_config = {k: v for k, v in raw.items() if k not in ("optimizer", DISTLION_SECTION)}
     ds_config["gradient_clipping"] = 0.0
-    return DistLionDeepSpeedPlan(optimizer=optimizer, gradient_clipping=float(clip), deepspeed_config=ds_config)
+    return DistLionDeepSpeedPlan(
+        optimizer=optimizer, gradient_clipping=float(clip), distlion=distlion, deepspeed_config=ds_config
+    )
