@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "CheckpointCorruptError",
     "atomic_save",
     "atomic_write_bytes",
+    "atomic_write_stream",
     "atomic_write_text",
     "checksum_path",
     "file_sha256",
@@ -259,6 +261,33 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> str:
         return writer.sha256.hexdigest()
 
     tmp, digest = _write_temporary(path, write)
+    _commit(tmp, path, digest)
+    return digest
+
+
+def atomic_write_stream(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> str:
+    """Write a file of any size atomically and durably, with its checksum sidecar, by streaming.
+
+    ``write(f)`` is called with a binary file object (only ``write`` and ``flush``) and writes the whole content
+    in as many calls as it likes (a memory-mapped buffer chunk by chunk, for example): the bytes are hashed as they
+    pass, so nothing is held in memory twice and nothing is read back. Read such a file with
+    :func:`read_verified_bytes`, or :func:`verify_file` and then open it (``numpy.memmap``...).
+
+    Args:
+        path: the final file name; its folder must exist.
+        write: the writer callback.
+
+    Returns:
+        The SHA-256 (hex) recorded in ``<path>.sha256``.
+    """
+    path = os.fspath(path)
+
+    def stream(f: BinaryIO) -> str:
+        writer = _HashingWriter(f)
+        write(writer)
+        return writer.sha256.hexdigest()
+
+    tmp, digest = _write_temporary(path, stream)
     _commit(tmp, path, digest)
     return digest
 

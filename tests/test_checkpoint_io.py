@@ -181,6 +181,11 @@ def test_round_trip_and_sidecar_format(tmp_path):
     data = bytes(range(256)) * 3
     cio.atomic_write_bytes(tmp_path / "blob", data)
     assert cio.read_verified_bytes(tmp_path / "blob") == data
+    # Streaming: many writes of memoryviews of different sizes; the sidecar is the hash of the concatenation.
+    chunks = [torch.arange(n, dtype=torch.int32).numpy().tobytes() for n in (1, 1000, 7, 65536)]
+    digest = cio.atomic_write_stream(tmp_path / "stream", lambda f: [f.write(memoryview(c)) for c in chunks])
+    assert digest == hashlib.sha256(b"".join(chunks)).hexdigest() == cio.verify_file(tmp_path / "stream")
+    assert cio.read_verified_bytes(tmp_path / "stream") == b"".join(chunks)
 
 
 @pytest.mark.parametrize("where", ["start", "middle", "end"])
