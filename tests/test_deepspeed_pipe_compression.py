@@ -107,9 +107,11 @@ def _worker(rank, world):
             s = comm_stats(eng)["activations"]
             assert lo <= s["bytes_sent"] / s["elements_sent"] <= hi, (inference, s)
 
-    # 5. refused: AQ-SGD (no sample ids in PipelineEngine)
+    # 5. refused: AQ-SGD (no sample ids in PipelineEngine); stages with different settings, on both, by name
     with pytest.raises(NotImplementedError, match="AQ-SGD"):
         _engine(f"{CONFIGS}/aqsgd_q4_cpu.json")
+    with pytest.raises(ValueError, match=r"compression\.gradients\.bits: ranks \[0\] have 8; ranks \[1\] have 4"):
+        _engine({"gradients": {"method": "quantize", "bits": 8 if rank == 0 else 4}})
 
     # 6. the config route: distlion_ds.initialize honours "p2p_compression" (here with DistributedLion too)
     import json

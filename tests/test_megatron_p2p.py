@@ -14,10 +14,12 @@ schedules. Each spawn costs ~10 s of imports, so every spawned run checks many t
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import logging
 import os
+import weakref
 
 import pytest
 import torch
@@ -219,17 +221,38 @@ def _pp2_worker(rank: int, world: int, out_dir: str) -> None:
         ref = _step(chunks, data, P2PCommunicator(_pp_group(), cfg))
         _assert_bitwise(ref, _step(chunks, data, _comm(cfg, f"{CONFIGS}/none.json")), f"vp={vp} batch={batch}")
         if (vp, batch, varseq) == (1, False, False):
-            install({})  # callers that pass no communicator get ours
+            installed = install({})  # callers that pass no communicator get ours
             got = _step(chunks, data, comm=None)
             uninstall()
             _assert_bitwise(ref, got, "install()")
-            assert compression_state({}).stats["bytes_sent"] > 0
+            # the per-call communicators shared the state the installed class holds
+            assert installed.shared_state.stats["bytes_sent"] > 0
+            assert compression_state({}) is installed.shared_state
+            freed = weakref.ref(installed.shared_state)
+            del installed
+            gc.collect()
+            assert freed() is None, "the shared state must be freed with install()'s class"
     cfg, _ = _build(2, 2, batch_p2p=True)
     try:
         _comm(cfg, {})
         raise AssertionError("pp=2 + interleaved + batch_p2p_comm must be refused")
     except ValueError as e:
         assert "batch_p2p_comm" in str(e)
+
+    # 1b. the ranks agree before any frame: a different setting on one rank is refused on both, by name
+    cfg, chunks = _build(2, 1)
+    with pytest.raises(ValueError, match=r"compression\.activations\.ratio: ranks \[0\] have 0\.1; ranks \[1\] "
+                                         r"have 0\.2"):
+        _comm(cfg, {"activations": {"method": "topk", "ratio": 0.1 if rank == 0 else 0.2}})
+    aq = _comm(cfg, f"{CONFIGS}/aqsgd_q4_cpu.json")
+    aq.set_epoch(3)  # equal epochs pass
+    with pytest.raises(ValueError, match=r"AQ-SGD epoch.*epoch: ranks \[0\] have 0; ranks \[1\] have 1"):
+        aq.set_epoch(rank)  # warm-up on rank 0, deltas on rank 1: refused before a frame of either size is sent
+    owner = _comm(cfg, {"activations": {"method": "topk", "feedback": "ef"}})
+    freed = weakref.ref(owner.state)
+    del owner
+    gc.collect()
+    assert freed() is None, "a communicator's state must be freed with it"
 
     # 2. lossy training on bf16 activations: loss goes down, bytes/element on target
     base = None

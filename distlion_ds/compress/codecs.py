@@ -12,6 +12,12 @@ Layouts (every section starts at a multiple of the element size it holds, so dec
   (int32 indices would cost 0.6); below ratio ~1/w the packed indices win (1 % of 1M elements: 0.045 vs 0.145).
 - ``quantize``: ``ceil(numel / block_size)`` fp32 scales, then ``ceil(numel * bits / 8)`` packed codes
   (8-bit with block 256: 1.016 bytes/element, 4-bit: 0.516).
+
+No host syncs: encode and decode read no tensor data on the host (no ``.item()``, ``.tolist()`` or ``.nonzero()``),
+so on a GPU a frame is encoded and decoded without waiting for the device. Checks on received data run on the
+device (``torch._assert_async``) and raise on the host only for CPU tensors, where reading costs nothing.
+Meta tensors go through as far as shapes go: under ``distlion_ds.kernels`` compile-only mode the launchers compile
+their kernels for them, otherwise the codec returns meta tensors of the right shape without running anything.
 """
 
 from __future__ import annotations
@@ -47,6 +53,29 @@ def _kernels(provider: Provider) -> dict[str, Any]:
                 "topk_select": kernels.topk_select_ref, "topk_scatter": kernels.topk_scatter_ref, **bits}
     return {"quantize": kernels.quantize, "dequantize": kernels.dequantize,
             "topk_select": kernels.topk_select, "topk_scatter": kernels.topk_scatter, **bits}
+
+
+def _meta_only(*tensors: torch.Tensor) -> bool:
+    """Meta tensors that no kernel will be compiled for: only shapes are computed."""
+    if not any(t.device.type == "meta" for t in tensors):
+        return False
+    from distlion_ds.kernels._dispatch import use_triton
+
+    return not use_triton(*tensors)
+
+
+def check_on_device(ok: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` when the 0-d bool ``ok`` is False, without a host sync on a GPU.
+
+    CPU: checked at once (reading host memory costs nothing). CUDA: ``torch._assert_async`` fails the stream
+    asynchronously (the error surfaces at the next synchronization), so a transfer never waits on its own check.
+    Meta: nothing to check.
+    """
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    elif ok.device.type != "meta":
+        torch._assert_async(ok, message)
 
 
 def as_dtype(payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -192,7 +221,7 @@ class TopKCodec(Codec):
         flat = t.reshape(-1)
         numel = flat.numel()
         k = self.k(numel)
-        if k == 0:
+        if k == 0 or _meta_only(t, out):
             return
         # Indices come back ascending (the kernel contract), which is what both index encodings rely on.
         ops = _kernels(self.provider)
@@ -215,14 +244,22 @@ class TopKCodec(Codec):
         k = self.k(numel)
         if k == 0:
             return torch.zeros(tuple(shape), dtype=dtype, device=payload.device)
+        if _meta_only(payload):
+            return torch.empty(tuple(shape), dtype=dtype, device=payload.device)
         ops = _kernels(self.provider)
         vbytes = k * dtype.itemsize
         values = as_dtype(payload[:vbytes], dtype)
         layout, _ = self._index_layout(numel)
         if layout == "bitmap":
-            idx = ops["unpack_bits"](payload[vbytes:], numel).nonzero().view(-1)
-            if idx.numel() != k:
-                raise ValueError(f"topk payload bitmap has {idx.numel()} bits set, expected k={k}")
+            # Sync-free: element j takes value number (bits set before and at j) - 1, a gather through a prefix
+            # sum; .nonzero() would wait for the device to learn its output size. Same bits as a scatter of the
+            # set positions, since the values are stored in ascending index order.
+            bits = ops["unpack_bits"](payload[vbytes:], numel).view(torch.bool)
+            pos = torch.cumsum(bits, 0, dtype=torch.int32 if numel < 2**31 else torch.int64)
+            check_on_device(pos[-1] == k, f"topk payload bitmap does not have exactly k={k} bits set")
+            taken = values.index_select(0, pos.sub_(1).clamp_(min=0))
+            out = torch.where(bits, taken, torch.zeros((), dtype=dtype, device=payload.device))
+            return out.view(tuple(shape))
         else:
             w = self.index_width(numel)
             bits = ops["unpack_bits"](payload[vbytes:], k * w).view(k, w).to(torch.int64)
@@ -246,6 +283,8 @@ class QuantizeCodec(Codec):
 
     def encode_into(self, t: torch.Tensor, out: torch.Tensor, *, seed: int | None = None) -> None:
         self._check(t)
+        if _meta_only(t, out):
+            return
         c = self.config
         codes, scales = _kernels(self.provider)["quantize"](
             t.reshape(-1), c.bits, c.block_size, stochastic=c.stochastic, seed=seed
@@ -256,6 +295,8 @@ class QuantizeCodec(Codec):
 
     def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         self._check_payload(payload, shape, dtype)
+        if _meta_only(payload):
+            return torch.empty(tuple(shape), dtype=dtype, device=payload.device)
         c = self.config
         numel = _numel(shape)
         sbytes, _ = self._sizes(numel)

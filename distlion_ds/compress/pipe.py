@@ -20,6 +20,19 @@ Feedback (per stream, state in :class:`~distlion_ds.compress.state.FeedbackStore
   hands on g. Both sides run the same decode on the same bytes, so their g stay bit-identical.
 - AQ-SGD (Wang et al. 2022, arXiv 2206.01299, Alg. 1): as EF21 but per training sample xi, with m(xi) rounded to
   ``aqsgd.buffer_dtype`` identically on both sides.
+
+Host syncs (issue 10): a frame's size comes from (shape, dtype, config, mode) only. The sender copies its header
+from a small device-resident cache (one entry per (mode, cut, epoch, id count)) and its sample ids through pinned
+memory, never a pageable host-to-device copy. The receiver checks the header on the device (``torch._assert_async``)
+against what it expects, and copies header fields to the host only where the host needs them: AQ-SGD sample ids
+(the buffer store is indexed on the host) and, when the caller cannot name the cut, the cut of a stateful stream
+(interleaved schedules with EF21 / AQ-SGD). On CPU tensors every check runs at once with a precise message.
+
+Agreement: a header check comes after the transfer, too late for a transport that needs equal sizes on both sides
+(NCCL). So the sizes are agreed before: :meth:`PipeCompressor.settings` lists what both sides must share (the
+config, the protocol); a transport compares them across the pipeline group once at start
+(:func:`find_disagreements`), and compares the AQ-SGD epoch whenever it is set (the epoch picks warm-up or delta
+frames, whose sizes differ).
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ from typing import Any
 
 import torch
 
-from .codecs import Codec, NoneCodec, Provider, as_dtype, build_codec
+from .codecs import Codec, NoneCodec, Provider, as_dtype, build_codec, check_on_device
 from .config import CompressionConfig, NoneCodecConfig
 from .state import Direction, FeedbackStore, SampleBufferStore, StreamKey, make_sample_store
 
@@ -41,6 +54,9 @@ logger = logging.getLogger(__name__)
 _MAGIC = 0x444C5032  # "DLP2"
 _HEADER_FIELDS = 6  # magic, mode, stage, chunk, epoch, number of sample ids
 HEADER_BYTES = _HEADER_FIELDS * 4  # 24: a multiple of 8, so the ids (int64) and any body dtype stay aligned
+PROTOCOL = 2  # bumped whenever the frame layout changes; part of the settings both sides must agree on
+# Header cache entries per compressor: (mode, cut, epoch, id count) combinations seen; an epoch change adds a few.
+_HEADER_CACHE_MAX = 256
 
 
 class Mode(enum.IntEnum):
@@ -102,11 +118,24 @@ class CompressionState:
     samples: SampleBufferStore | None = None
     epoch: int = 0
     stats: dict[str, Any] = field(default_factory=empty_stats)
+    agreed_groups: set[tuple[int, ...]] = field(default_factory=set, repr=False, compare=False)
+    """Groups (their global ranks) whose ranks already compared settings with this state: a transport compares
+    once per group, not per communicator it builds."""
 
     def __post_init__(self) -> None:
         if self.samples is None and self.config.uses_aqsgd:
             a = self.config.aqsgd
             self.samples = make_sample_store(a.store, a.buffer_dtype, a.path)
+
+    def bind_rank(self, tag: str) -> None:
+        """Give this rank's AQ-SGD disk store its own folder, ``<aqsgd.path>/<tag>`` (a no-op for other stores).
+
+        One set of files per pipeline stage, model chunk (both in the stream file names) and data-parallel /
+        tensor-parallel rank (``tag``): two ranks never write one file. Transports call it with the rank's
+        coordinates before the first transfer; a tag that changes after the store opened is an error.
+        """
+        if self.samples is not None:
+            self.samples.bind(tag)
 
     def set_epoch(self, epoch: int) -> None:
         """AQ-SGD: the training epoch (from 0); epochs below ``aqsgd.warmup_epochs`` are warm-up. Every pipeline
@@ -131,6 +160,54 @@ class CompressionState:
         self.stats = state["stats"]
 
 
+def _host_ints(ids: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
+    if torch.is_tensor(ids):
+        # A CUDA tensor costs a device sync here: pass host ids (a list or a CPU tensor) where the data is loaded.
+        return tuple(int(i) for i in ids.reshape(-1).tolist())
+    return tuple(int(i) for i in ids)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a pageable copy: staged in pinned memory, copied asynchronously.
+
+    The caching host allocator keeps a pinned block until the copies recorded on it complete, so the staging
+    tensor may be dropped at once.
+    """
+    if device.type == "cpu":
+        return host
+    if device.type == "meta":
+        return torch.empty(host.shape, dtype=host.dtype, device=device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _flat_settings(prefix: str, obj: Any, out: dict[str, Any]) -> None:
+    if isinstance(obj, dict):
+        for k in sorted(obj):
+            _flat_settings(f"{prefix}.{k}" if prefix else str(k), obj[k], out)
+    else:
+        out[prefix] = obj
+
+
+def find_disagreements(per_rank: Sequence[dict[str, Any]], ranks: Sequence[int] | None = None) -> list[str]:
+    """Settings that differ across ranks, one line each naming the setting, the values and the ranks holding them.
+
+    Args:
+        per_rank: :meth:`PipeCompressor.settings` (or any flat dict) of every rank of a group, in group order.
+        ranks: the global rank of each entry (default: 0, 1, ...).
+    Returns:
+        Human-readable lines, empty when every rank agrees.
+    """
+    ranks = list(ranks) if ranks is not None else list(range(len(per_rank)))
+    lines = []
+    for name in sorted(set().union(*per_rank)):
+        holders: dict[str, list[int]] = {}
+        for r, s in zip(ranks, per_rank, strict=True):
+            holders.setdefault(repr(s.get(name, "<missing>")), []).append(r)
+        if len(holders) > 1:
+            lines.append(f"{name}: " + "; ".join(f"ranks {rs} have {v}" for v, rs in holders.items()))
+    return lines
+
+
 class PipeCompressor:
     """Frames for one rank's pipeline transfers, built from a config, keeping state in a ``CompressionState``.
 
@@ -149,8 +226,23 @@ class PipeCompressor:
             "gradients": build_codec(self.config.gradients, provider),
         }
         self.raw = NoneCodec(NoneCodecConfig())
+        self._headers: dict[tuple, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
 
-    # ------------------------------------------------------------------ sizes and modes
+    # ------------------------------------------------------------------ sizes, modes, agreement
+
+    def settings(self) -> dict[str, Any]:
+        """Everything the two sides of a cut must share for frames to have equal sizes and meaning, flat.
+
+        The compression config (without ``aqsgd.store`` / ``aqsgd.path``: where a rank keeps its buffers is its
+        own business), the frame protocol and the sample dimension. Transports add their own (e.g. the
+        pipeline dtype) and compare the whole across the pipeline group once (:func:`find_disagreements`).
+        """
+        cfg = self.config.model_dump()
+        cfg["aqsgd"] = {k: v for k, v in cfg["aqsgd"].items() if k not in ("store", "path")}
+        out: dict[str, Any] = {"protocol": PROTOCOL, "header_bytes": HEADER_BYTES, "sample_dim": self.sample_dim}
+        _flat_settings("compression", cfg, out)
+        return out
 
     def mode(self, direction: Direction, training: bool) -> Mode:
         """The mode of a transfer, derived the same way on both sides of the cut."""
@@ -175,18 +267,50 @@ class PipeCompressor:
         body = self._codec(direction, mode).nbytes(shape, dtype)
         return HEADER_BYTES + 8 * self.n_ids(direction, shape, mode) + body
 
+    def stateful(self, direction: Direction, mode: Mode, receiver: bool) -> bool:
+        """Whether a transfer in ``mode`` reads or writes per-stream state on this side (so needs its cut)."""
+        if mode in (Mode.AQ_WARMUP, Mode.AQ_DELTA):
+            return True
+        if mode != Mode.TRAIN:
+            return False
+        feedback = self.config.activations.feedback if direction == "activations" else self.config.gradients.feedback
+        return feedback == "ef21" or (feedback == "ef" and not receiver)
+
     # ------------------------------------------------------------------ header
 
+    def _header(self, device: torch.device, mode: Mode, stage: int, chunk: int, epoch: int, n_ids: int
+                ) -> torch.Tensor:
+        """The int32 header fields on ``device``, cached: a send copies them device to device."""
+        key = (device, int(mode), stage, chunk, epoch, n_ids)
+        head = self._headers.get(key)
+        if head is None:
+            if len(self._headers) >= _HEADER_CACHE_MAX:
+                self._headers.clear()
+            host = torch.tensor([_MAGIC, int(mode), stage, chunk, epoch, n_ids], dtype=torch.int32)
+            head = self._headers[key] = _to_device(host, device)
+        return head
+
+    def _mask(self, device: torch.device, cut: bool, epoch: bool) -> torch.Tensor:
+        """True for the header fields a receiver does not check (cached per device)."""
+        key = (device, cut, epoch)
+        m = self._masks.get(key)
+        if m is None:
+            host = torch.tensor([False, False, not cut, not cut, not epoch, False])
+            m = self._masks[key] = _to_device(host, device)
+        return m
+
     def _write_header(self, out: torch.Tensor, mode: Mode, stage: int, chunk: int, ids: Sequence[int]) -> int:
-        head = torch.tensor([_MAGIC, int(mode), stage, chunk, self.state.epoch, len(ids)], dtype=torch.int32)
+        head = self._header(out.device, mode, stage, chunk, self.state.epoch, len(ids))
         out[:HEADER_BYTES].copy_(head.view(torch.uint8))
         end = HEADER_BYTES + 8 * len(ids)
         if ids:
-            out[HEADER_BYTES:end].copy_(torch.tensor(list(ids), dtype=torch.int64).view(torch.uint8))
+            out[HEADER_BYTES:end].copy_(_to_device(torch.tensor(list(ids), dtype=torch.int64), out.device)
+                                        .view(torch.uint8))
         return end
 
     def read_header(self, frame: torch.Tensor) -> tuple[FrameInfo, int]:
-        """Parse a frame's header: ``(info, body offset)``."""
+        """Parse a frame's header on the host: ``(info, body offset)``. A device frame costs one sync here; the
+        transfer path reads the header on the host only where the host needs its fields."""
         head = as_dtype(frame[:HEADER_BYTES], torch.int32).tolist()
         if head[0] != _MAGIC:
             raise ValueError(f"not a distlion_ds p2p frame (magic {head[0]:#x}); are both sides compressing?")
@@ -195,10 +319,37 @@ class PipeCompressor:
         ids = tuple(as_dtype(frame[HEADER_BYTES:end], torch.int64).tolist()) if n else ()
         return FrameInfo(Mode(head[1]), head[2], head[3], head[4], ids), end
 
+    def _check_header(self, direction: Direction, frame: torch.Tensor, mode: Mode, n_ids: int,
+                      cut: tuple[int, int] | None) -> None:
+        """Compare the received header with what this side expects; on the device unless the frame is on CPU."""
+        aq = mode in (Mode.AQ_WARMUP, Mode.AQ_DELTA)
+        stage, chunk = cut if cut is not None else (0, 0)
+        if frame.device.type == "cpu":
+            info, _ = self.read_header(frame)
+            if info.mode != mode:
+                raise ValueError(
+                    f"{direction} frame sent in mode {info.mode.name}, received in mode {mode.name}: all pipeline "
+                    "ranks must run forward-only steps under torch.no_grad() together and set the same AQ-SGD epoch"
+                )
+            if aq and info.epoch != self.state.epoch:
+                raise ValueError(
+                    f"AQ-SGD epoch mismatch: sender at epoch {info.epoch}, this rank at {self.state.epoch}")
+            if len(info.sample_ids) != n_ids:
+                raise ValueError(f"{direction} frame carries {len(info.sample_ids)} sample ids, expected {n_ids}")
+            if cut is not None and (info.stage, info.chunk) != cut:
+                raise ValueError(f"{direction} frame crossed cut (stage {info.stage}, chunk {info.chunk}), expected "
+                                 f"(stage {stage}, chunk {chunk}): the two sides disagree on the schedule")
+            return
+        head = as_dtype(frame[:HEADER_BYTES], torch.int32)
+        want = self._header(frame.device, mode, stage, chunk, self.state.epoch, n_ids)
+        ok = ((head == want) | self._mask(frame.device, cut is not None, aq)).all()
+        check_on_device(ok, f"distlion_ds {direction} frame header differs from this rank's (mode {mode.name}, "
+                            f"cut {cut}, epoch {self.state.epoch}, {n_ids} sample ids): sides disagree")
+
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, direction: Direction, x: torch.Tensor, *, stage: int, chunk: int, mode: Mode,
-               sample_ids: Sequence[int] | None = None) -> torch.Tensor:
+               sample_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """The frame for ``x`` crossing cut ``(stage, chunk)`` in ``direction``; updates sender state.
 
         Args:
@@ -206,7 +357,8 @@ class PipeCompressor:
             x: the tensor to send.
             stage, chunk: the cut, named by its forward sender's pipeline rank and model chunk.
             mode: from :meth:`mode`.
-            sample_ids: one id per sample along ``sample_dim``; required by AQ-SGD modes.
+            sample_ids: one id per sample along ``sample_dim``; required by AQ-SGD modes (host ints: the
+                buffer store is indexed on the host).
         Returns:
             Flat uint8 frame of ``frame_nbytes(direction, x.shape, x.dtype, mode)`` bytes on ``x``'s device.
         """
@@ -219,7 +371,7 @@ class PipeCompressor:
                     "AQ-SGD (activations.feedback 'aqsgd') needs the sample ids of every micro-batch: call "
                     "distlion_ds.megatron.set_sample_ids(ids) in forward_step on the first pipeline stage"
                 )
-            ids = tuple(int(i) for i in (sample_ids.tolist() if torch.is_tensor(sample_ids) else sample_ids))
+            ids = _host_ints(sample_ids)
             if len(ids) != n_ids:
                 raise ValueError(f"got {len(ids)} sample ids for a micro-batch of {n_ids} samples")
         frame = torch.empty(self.frame_nbytes(direction, x.shape, x.dtype, mode), dtype=torch.uint8,
@@ -257,25 +409,44 @@ class PipeCompressor:
         return frame
 
     def decode(self, direction: Direction, frame: torch.Tensor, shape: Sequence[int], dtype: torch.dtype,
-               mode: Mode) -> tuple[torch.Tensor, FrameInfo]:
-        """The tensor a frame stands for, updating receiver state; ``(tensor, header info)``.
+               mode: Mode, *, cut: tuple[int, int] | None = None,
+               want_info: bool = False) -> tuple[torch.Tensor, FrameInfo | None]:
+        """The tensor a frame stands for, updating receiver state; ``(tensor, header info or None)``.
 
+        Args:
+            direction, shape, dtype, mode: as the sender's (``mode`` from :meth:`mode`).
+            frame: the received frame.
+            cut: ``(stage, chunk)`` of the cut when the caller knows it: the header is then only checked (on
+                the device), never read on the host for it.
+            want_info: return the header's cut even where this transfer keeps no state (a caller that routes
+                later transfers by it); read on the host when ``cut`` is not given.
+        Returns:
+            The tensor, and the :class:`FrameInfo` where it was asked for, needed or known (``None`` otherwise).
         Raises:
-            ValueError: the header's mode or epoch differs from this rank's (the two sides disagree on
-                training vs forward-only or on the AQ-SGD epoch), or the frame is malformed.
+            ValueError: the header's mode, epoch or cut differs from this rank's (the two sides disagree on
+                training vs forward-only, on the AQ-SGD epoch or on the schedule), or the frame is malformed.
+                On a GPU the check fails the stream asynchronously instead.
         """
-        info, off = self.read_header(frame)
-        if info.mode != mode:
-            raise ValueError(
-                f"{direction} frame sent in mode {info.mode.name}, received in mode {mode.name}: all pipeline ranks "
-                "must run forward-only steps under torch.no_grad() together and set the same AQ-SGD epoch"
-            )
-        if mode in (Mode.AQ_WARMUP, Mode.AQ_DELTA) and info.epoch != self.state.epoch:
-            raise ValueError(f"AQ-SGD epoch mismatch: sender at epoch {info.epoch}, this rank at {self.state.epoch}")
+        n_ids = self.n_ids(direction, shape, mode)
+        aq = mode in (Mode.AQ_WARMUP, Mode.AQ_DELTA)
+        info: FrameInfo | None = None
+        if cut is None and (want_info or self.stateful(direction, mode, receiver=True)):
+            # The host needs the cut: one read of the header (a sync on a GPU), then the same checks as below.
+            head, _ = self.read_header(frame)
+            cut = (head.stage, head.chunk)
+        self._check_header(direction, frame, mode, n_ids, cut)
+        off = HEADER_BYTES + 8 * n_ids
+        if cut is not None:
+            ids: tuple[int, ...] = ()
+            if aq:  # the buffer store is indexed on the host: the ids are needed there, now
+                ids = _host_ints(as_dtype(frame[HEADER_BYTES:off], torch.int64))
+            info = FrameInfo(mode, cut[0], cut[1], self.state.epoch, ids)
         _bump(self.state.stats, direction, frame.numel(), 0, sent=False)
         body = frame[off:]
-        key = StreamKey(info.stage, info.chunk, direction, "recv")
         out = self._codec(direction, mode).decode(body, shape, dtype)
+        if info is None:
+            return out, None
+        key = StreamKey(info.stage, info.chunk, direction, "recv")
         feedback = self.config.activations.feedback if direction == "activations" else self.config.gradients.feedback
         if mode == Mode.AQ_DELTA:
             m = self._buffers(key, info.sample_ids, shape, frame.device)

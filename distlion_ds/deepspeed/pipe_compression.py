@@ -82,6 +82,10 @@ class _Router:
         # the cut is named by its forward sender: this stage for activations, the previous one for gradients
         return self.engine.stage_id - (self.direction == "gradients")
 
+    def _recv_stage(self) -> int:
+        # a received activation crossed the cut the previous stage sends on; a received gradient this stage's
+        return self.engine.stage_id - (self.direction == "activations")
+
     def send(self, tensor: torch.Tensor, dest_stage: int, async_op: bool = False):
         if self._compress(tensor):
             tensor = self.pc.encode(self.direction, tensor, stage=self._stage(), chunk=self.slot,  # type: ignore
@@ -98,7 +102,9 @@ class _Router:
         frame = torch.empty(self.pc.frame_nbytes(self.direction, tensor.shape, tensor.dtype, self.mode),  # type: ignore
                             dtype=torch.uint8, device=tensor.device)
         out = self.recv_orig(frame, src_stage, async_op=async_op)
-        value, _ = self.pc.decode(self.direction, frame, tensor.shape, tensor.dtype, self.mode)  # type: ignore
+        # The cut is known here, so the header is checked (on the device on a GPU), never read on the host for it.
+        value, _ = self.pc.decode(self.direction, frame, tensor.shape, tensor.dtype, self.mode,  # type: ignore
+                                  cut=(self._recv_stage(), self.slot))
         with torch.no_grad():
             tensor.copy_(value)
         self.slot += 1
@@ -112,6 +118,23 @@ def _routed(router: _Router) -> Iterator[None]:
         yield
     finally:
         p2p.send, p2p.recv = router.send_orig, router.recv_orig
+
+
+def _agree(engine, pc: PipeCompressor) -> None:
+    """Compare the frame settings across the pipeline group (one collective at enable time); raise on every rank,
+    naming the setting and the ranks, before any frame of a mismatched size is sent."""
+    import torch.distributed as dist
+
+    from distlion_ds.compress.pipe import find_disagreements
+
+    group = engine.grid.get_pipe_parallel_group()
+    mine = pc.settings()
+    per_rank: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(per_rank, mine, group=group)
+    bad = find_disagreements(per_rank, dist.get_process_group_ranks(group))
+    if bad:
+        raise ValueError("pipeline stages disagree on p2p compression settings (give every stage the same "
+                         "p2p_compression block):\n  " + "\n  ".join(bad))
 
 
 def enable_pipe_compression(engine, compression: CompressionConfig | dict | str, *,
@@ -140,6 +163,7 @@ def enable_pipe_compression(engine, compression: CompressionConfig | dict | str,
                                   "ids; use feedback none, ef or ef21")
     state = state if state is not None else CompressionState(config)
     pc = PipeCompressor(state, sample_dim=0)  # [batch, ...] activations; unused without AQ-SGD
+    _agree(engine, pc)
     base = type(engine)._INSTRUCTION_MAP
     current: list[_Router] = []
 

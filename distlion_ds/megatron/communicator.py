@@ -17,6 +17,17 @@ the frame header; the sender finds it from the tensor itself:
 - backward: the gradient is ``leaf.grad`` of such an input; a post-accumulate-grad hook tags it.
 
 AQ-SGD sample ids enter at the first stage through :func:`set_sample_ids` and ride in the headers from there.
+
+Agreement before traffic (frames have sizes both sides compute; NCCL needs them equal): at construction the
+communicator compares the compression settings, the pipeline dtype and ``variable_seq_lengths`` across the
+pipeline group once per state (an ``all_gather_object``), and with AQ-SGD every :meth:`set_epoch` compares the
+epoch (warm-up and delta frames differ in size). A mismatch raises on every rank, naming the setting and the ranks.
+No host sync per frame otherwise: receivers name the cut they expect whenever they know it (1F1B), so the header is
+checked on the device; see distlion_ds.compress.pipe.
+
+State lifetime: a communicator holds its ``CompressionState``; communicators built without ``state=`` share the
+live state of an equal config (a weak registry), and ``install()`` holds one until ``uninstall()``. Nothing keeps a
+state alive once its owners are gone.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,11 +46,13 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator, _
 
 from distlion_ds.compress import CompressionConfig, CompressionState, FrameInfo, Mode, PipeCompressor
 from distlion_ds.compress.codecs import Provider
+from distlion_ds.compress.pipe import find_disagreements
 
 logger = logging.getLogger(__name__)
 
 _META = "_distlion_p2p_info"  # attribute on received leaves and on their gradients: the FrameInfo of the cut
-_STATES: dict[str, CompressionState] = {}
+# Weak: a state lives as long as a communicator or install() holds it (issue 9: freed with its owner).
+_STATES: weakref.WeakValueDictionary[str, CompressionState] = weakref.WeakValueDictionary()
 _PENDING_IDS: list[tuple[int, ...]] = []
 
 
@@ -61,14 +75,34 @@ def _take_pending_ids() -> tuple[int, ...] | None:
 
 
 def compression_state(compression: CompressionConfig | dict | str) -> CompressionState:
-    """The process-wide state for a config: communicators built with an equal config share it, because
-    megatron-core may build a new communicator per ``forward_backward`` call while EF / AQ-SGD state must last."""
+    """The live shared state for a config: communicators built with an equal config and no ``state=`` share it,
+    because megatron-core may build a new communicator per ``forward_backward`` call while EF / AQ-SGD state must
+    last. Held weakly: it is freed when no communicator (nor ``install()``, nor the caller) holds it any more, so
+    keep a communicator or pass ``state=`` to keep feedback state across calls."""
     config = CompressionConfig.from_json(compression)
     key = config.model_dump_json()
     state = _STATES.get(key)
     if state is None:
-        state = _STATES[key] = CompressionState(config)
+        state = CompressionState(config)
+        _STATES[key] = state
+        if config.activations.feedback != "none" or config.gradients.feedback != "none":
+            logger.info("distlion_ds: new shared p2p compression state (feedback state starts at zero); it lives "
+                        "while a communicator, install() or the caller holds it")
     return state
+
+
+def _rank_tag(pp_group: dist.ProcessGroup) -> str:
+    """This rank's coordinates for per-rank files (AQ-SGD disk store): pipeline, data- and tensor-parallel rank."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        tag = f"pp{ps.get_pipeline_model_parallel_rank()}-dp{ps.get_data_parallel_rank()}"
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            tag += f"-tp{ps.get_tensor_model_parallel_rank()}"
+        if ps.get_context_parallel_world_size() > 1:
+            tag += f"-cp{ps.get_context_parallel_rank()}"
+        return tag
+    return f"rank{dist.get_rank()}"  # groups built by hand: the global rank is unique
 
 
 class _DecodeOnWait:
@@ -121,6 +155,34 @@ class CompressedP2PCommunicator(P2PCommunicator):
         self.vp_size = self.virtual_pipeline_model_parallel_size or 1
         self._fifo: collections.deque[FrameInfo] = collections.deque()
         self._check_config()
+        self.state.bind_rank(_rank_tag(pp_group))
+        self._agree()
+
+    # ------------------------------------------------------------------ agreement across the pipeline group
+
+    def settings(self) -> dict[str, Any]:
+        """What every rank of the pipeline group must share for frames to match (flat; see ``_agree``)."""
+        return {**self.compressor.settings(), "pipeline_dtype": str(self.config.pipeline_dtype),
+                "variable_seq_lengths": bool(self.config.variable_seq_lengths)}
+
+    def _gather(self, obj: Any) -> tuple[list[Any], list[int]]:
+        out: list[Any] = [None] * self.pp_size
+        dist.all_gather_object(out, obj, group=self.pp_group)
+        return out, dist.get_process_group_ranks(self.pp_group)
+
+    def _agree(self) -> None:
+        """Compare :meth:`settings` across the pipeline group, once per state and group; raise on every rank."""
+        # Schedules may build a communicator per call: the comparison is a collective worth doing once per state.
+        ranks = tuple(dist.get_process_group_ranks(self.pp_group))
+        done = self.state.agreed_groups
+        if ranks in done:
+            return
+        per_rank, ranks_list = self._gather(self.settings())
+        bad = find_disagreements(per_rank, ranks_list)
+        if bad:
+            raise ValueError("pipeline ranks disagree on p2p compression settings (use one compression config and "
+                             "one model config on every rank):\n  " + "\n  ".join(bad))
+        done.add(ranks)
 
     def _check_config(self) -> None:
         c = self.config
@@ -140,8 +202,19 @@ class CompressedP2PCommunicator(P2PCommunicator):
         return copy.deepcopy(self.state.stats)
 
     def set_epoch(self, epoch: int) -> None:
-        """AQ-SGD epoch (from 0); call on every pipeline rank at the start of each epoch."""
+        """AQ-SGD epoch (from 0); call on every pipeline rank at the same point (e.g. every iteration).
+
+        With AQ-SGD the epoch decides between warm-up frames (full activations) and delta frames, whose sizes
+        differ, so the ranks compare it here (one small ``all_gather_object`` on the pipeline group per call) and a
+        mismatch raises on every rank, naming the ranks and their epochs, before any frame is sent.
+        """
         self.state.set_epoch(epoch)
+        if self.compression.uses_aqsgd:
+            epochs, ranks = self._gather(int(epoch))
+            bad = find_disagreements([{"epoch": e} for e in epochs], ranks)
+            if bad:
+                raise ValueError("pipeline ranks disagree on the AQ-SGD epoch (warm-up and delta frames differ in "
+                                 "size; call set_epoch with the same value on every pipeline rank): " + bad[0])
 
     def state_dict(self) -> dict[str, Any]:
         """Compression state to save with a training checkpoint (EF / EF21 / AQ-SGD / counters)."""
@@ -212,7 +285,22 @@ class CompressedP2PCommunicator(P2PCommunicator):
                                "tensor received by this communicator")
         return info.stage, info.chunk
 
-    def _tag_leaf(self, leaf: torch.Tensor, info: FrameInfo, training: bool) -> None:
+    def _recv_cut(self, direction: str) -> tuple[int, int] | None:
+        """The cut a received frame crossed, where this rank knows it without the header (no interleaving)."""
+        if self.vp_size > 1:
+            return None
+        if direction == "activations":
+            return (self.pp_rank - 1) % self.pp_size, 0
+        return self.pp_rank, 0
+
+    def _routes_by_header(self, training: bool) -> bool:
+        """Interleaved training with stateful streams: later sends find their cut from the received headers."""
+        return self.vp_size > 1 and training and (
+            self.compression.uses_aqsgd or self._stateful("activations") or self._stateful("gradients"))
+
+    def _tag_leaf(self, leaf: torch.Tensor, info: FrameInfo | None, training: bool) -> None:
+        if info is None:
+            return
         setattr(leaf, _META, info)
         if not training:
             return
@@ -306,8 +394,12 @@ class CompressedP2PCommunicator(P2PCommunicator):
 
     def _finisher(self, direction: str, frame: torch.Tensor, leaf: torch.Tensor, mode: Mode,
                   training: bool) -> Callable[[], None]:
+        cut = self._recv_cut(direction)
+        want_info = direction == "activations" and self._routes_by_header(training)
+
         def finish() -> None:
-            value, info = self.compressor.decode(direction, frame, leaf.shape, leaf.dtype, mode)
+            value, info = self.compressor.decode(direction, frame, leaf.shape, leaf.dtype, mode, cut=cut,
+                                                 want_info=want_info)
             with torch.no_grad():
                 leaf.copy_(value)
             self._tag_leaf(leaf, info, training and direction == "activations")

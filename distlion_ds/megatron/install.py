@@ -6,7 +6,8 @@ neither argument) gets the same effect from ``install``: the schedules module bu
 ``P2PCommunicator(pp_group=..., config=config)`` by module-global name, and ``install`` rebinds that name to a
 subclass of :class:`CompressedP2PCommunicator` with the compression bound. Opt-in, idempotent (a marker attribute
 on the schedules module), the original kept for :func:`uninstall`, logged once; the private signature it relies
-on (``P2PCommunicator._communicate``'s keywords and the constructor call) is pinned by a test.
+on (``P2PCommunicator._communicate``'s keywords and the constructor call) is pinned by a test. The installed class
+holds the EF / AQ-SGD state its per-call instances share; uninstalling drops it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from megatron.core.pipeline_parallel import schedules
 
 from distlion_ds.compress import CompressionConfig
 
-from .communicator import CompressedP2PCommunicator
+from .communicator import CompressedP2PCommunicator, compression_state
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,14 @@ def install(compression: CompressionConfig | dict | str) -> type[CompressedP2PCo
 
     class InstalledCompressedP2PCommunicator(CompressedP2PCommunicator):
         compression_config = config
+        # The schedules build one instance per call; EF / AQ-SGD state must outlive them. The class holds it, so
+        # it is freed with the class once uninstall() (or a re-install) drops the binding.
+        shared_state = compression_state(config)
 
         def __init__(self, pp_group, config, **kwargs):
             kwargs.setdefault("compression", type(self).compression_config)
+            if kwargs["compression"] == type(self).compression_config:
+                kwargs.setdefault("state", type(self).shared_state)
             super().__init__(pp_group, config, **kwargs)
 
     InstalledCompressedP2PCommunicator.compression = config  # class-level: idempotence check above
