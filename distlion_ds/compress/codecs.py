@@ -59,9 +59,11 @@ def _meta_only(*tensors: torch.Tensor) -> bool:
     """Meta tensors that no kernel will be compiled for: only shapes are computed."""
     if not any(t.device.type == "meta" for t in tensors):
         return False
-    from distlion_ds.kernels._dispatch import use_triton
+    from distlion_ds.kernels import _dispatch
 
-    return not use_triton(*tensors)
+    # Launchers compile for meta tensors only in compile-only mode, which the interpreter excludes (under
+    # TRITON_INTERPRET=1 use_triton() is True for every device, and the interpreter cannot read meta data).
+    return _dispatch.INTERPRET or not _dispatch.use_triton(*tensors)
 
 
 def check_on_device(ok: torch.Tensor, message: str) -> None:
