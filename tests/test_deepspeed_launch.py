@@ -15,7 +15,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_deepspeed_launcher_trains_gpt_with_dlion(tiny_data, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PATH"] = f"{pathlib.Path(sys.executable).parent}:{env['PATH']}"
+    # No `deepspeed` command on PATH: the script starts DeepSpeed's launcher module with the interpreter it names.
+    env["PATH"] = "/usr/bin:/bin"
+    env["PYTHON"] = sys.executable
     env["MASTER_PORT"] = str(free_port())
     out = tmp_path / "run"
     proc = subprocess.run(

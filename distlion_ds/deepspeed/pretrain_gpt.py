@@ -14,6 +14,7 @@ per parameter per step of the optimizer exchange, wall time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -49,13 +50,57 @@ def parse_args(argv=None):
     for name in ("train_iters", "seq_length", "hidden_size", "num_layers", "num_attention_heads", "eval_interval"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be > 0")
+    # One line, before any process group work (argparse's usage block would bury it, once per worker).
+    if not os.path.isfile(args.deepspeed_config):
+        ap.exit(2, f"{ap.prog}: --deepspeed_config {args.deepspeed_config}: no such file (relative to "
+                   f"{os.getcwd()}; the shipped configs are in configs/deepspeed/)\n")
     return args
 
 
+class _DropRecords(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``; every other record passes."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _without(logger_name: str, *prefixes: str):
+    """Within the block, ``logger_name`` drops records starting with ``prefixes`` (exact, known texts only)."""
+    drop = _DropRecords(*prefixes)
+    target = logging.getLogger(logger_name)
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
+
+
+# DeepSpeed 0.19.8 warnings that do not apply here, dropped by their exact text (its other records still show):
+# accelerator auto-detection falls back to CPU with a warning; where torch sees no CUDA device that is the expected
+# outcome, and this entry logs the accelerator it runs on instead.
+_CPU_FALLBACK = "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+# WarmupLR and WarmupCosineLR call their own get_lr() from the constructor, at iteration -1, which warns.
+_SCHEDULER_CONSTRUCTION = "Attempting to get learning rate from scheduler before it has started"
+
+
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our own progress at INFO; other libraries' INFO chatter (megatron-core's dataset builder) stays below the
+    # threshold, their warnings do not. DeepSpeed's logger has its own handler and level.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("distlion_ds", __name__):  # __name__ is "__main__" under `python -m`
+        logging.getLogger(name).setLevel(logging.INFO)
     args = parse_args(argv)
-    import deepspeed
+    cuda = torch.cuda.is_available()
+    with _without("DeepSpeed", *(() if cuda else (_CPU_FALLBACK,))):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator().device_name()
     import torch.distributed as dist
 
     import distlion_ds
@@ -64,12 +109,13 @@ def main(argv=None) -> int:
     from distlion_ds.deepspeed.engine import get_distributed_lion
     from distlion_ds.gpt import GPT, GPTConfig
 
-    cuda = torch.cuda.is_available()
     if not cuda:
         # CPU runs: skip the JIT build of DeepSpeed's shared-memory comm op (30-45 s on 2 cores); gloo is used.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        logger.info("DeepSpeed accelerator %s, %s backend, %d ranks", accelerator, dist.get_backend(), world)
     if rank == 0 and not (pathlib.Path(args.data) / "meta.json").exists():
         prepare(out=args.data)  # the default corpus; prepare other corpora with `python -m distlion_ds.data`
     dist.barrier()
@@ -86,8 +132,9 @@ def main(argv=None) -> int:
     model = GPT(GPTConfig(vocab_size=meta["vocab_size_actual"], seq_length=args.seq_length,
                           hidden_size=args.hidden_size, num_layers=args.num_layers,
                           num_heads=args.num_attention_heads))
-    engine, optimizer, _, scheduler = distlion_ds.initialize(args=args, model=model,
-                                                             model_parameters=model.parameters())
+    with _without("DeepSpeed", _SCHEDULER_CONSTRUCTION):
+        engine, optimizer, _, scheduler = distlion_ds.initialize(args=args, model=model,
+                                                                 model_parameters=model.parameters())
     start = 0
     if args.load:
         _, client = engine.load_checkpoint(args.load)
