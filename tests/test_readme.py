@@ -43,3 +43,30 @@ def test_deepspeed_example_runs(tmp_path):
     assert float(m.group(2)) == pytest.approx(1.0, rel=0.05)
     ckpt = list((tmp_path / "checkpoints").rglob("distlion_optim_*dp_rank_*.pt"))
     assert len(ckpt) == 2  # one momentum file per data-parallel rank
+
+
+def _demo_section() -> str:
+    return (ROOT / "README.md").read_text().split("\n## The demo\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_demo_table_is_what_the_demo_prints():
+    """The README's demo table is the demo's own output (runs/demo/table.md), and the quoted comparison its line."""
+    from distlion_ds import demo
+
+    section = _demo_section()
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    runs = []
+    for line in table[2:]:
+        name, loss, bits, wall, replicas = (c.strip() for c in line.strip("|").split("|"))
+        runs.append(dict(name=name.split()[0], final_val_loss=float(loss), bits_per_param_step=float(bits.split()[0]),
+                         wall_s=float(wall), dp_replicas_identical=replicas == "identical"))
+    assert "\n".join(table) == demo.markdown_table(runs)
+    assert [r["name"] for r in runs] == list(demo.METHODS)
+    assert all(r["dp_replicas_identical"] for r in runs)
+    assert demo.comparison(runs) in section
+    # Wire bits at the demo's N = 4 workers: 64(N-1)/N for the fp32 ring; (1+b)(N-1)/N for D-Lion, b = 1 (MaVo)
+    # or ceil(log2(N+1)) = 3 (Avg), plus bucket padding (under 1 % here).
+    bits = {r["name"]: r["bits_per_param_step"] for r in runs}
+    assert bits["adamw"] == bits["lion"] == 48.0
+    assert bits["dlion_mavo"] == pytest.approx(1.5, rel=0.01)
+    assert bits["dlion_avg"] == pytest.approx(3.0, rel=0.01)
