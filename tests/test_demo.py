@@ -30,3 +30,15 @@ def test_demo_smoke(tiny_data, tmp_path):
     for r in summary["runs"]:
         assert 0 < r["final_val_loss"] < 10 and r["wall_s"] > 0
     assert (out / "loss.png").stat().st_size > 10_000
+    assert all(r["dp_replicas_identical"] for r in summary["runs"])
+    meta = json.loads((data / "meta.json").read_text())
+    assert summary["tokenizer_sha256"] == meta["tokenizer_sha256"]
+    # The printed table is the one written to table.md (the README's demo table is that output).
+    from distlion_ds.demo import markdown_table
+
+    table = markdown_table(summary["runs"])
+    assert (out / "table.md").read_text() == table + "\n"
+    assert table in proc.stderr
+    # A CPU run carries no warning meant for GPU set-ups or for us integrators (Apex / Transformer Engine
+    # fallbacks, megatron-core's legacy-tokenizer notice): a new warning shows up here.
+    assert "Warning:" not in proc.stderr and "legacy tokenizer" not in proc.stderr, proc.stderr[-3000:]
