@@ -284,7 +284,10 @@ def gpt_datasets(data_dir: str, seq_length: int, train_samples: int, valid_sampl
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our own progress at INFO, other libraries' INFO chatter below the threshold (their warnings still show).
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("distlion_ds", __name__):  # __name__ is "__main__" under `python -m`
+        logging.getLogger(name).setLevel(logging.INFO)
     ap = argparse.ArgumentParser(prog="python -m distlion_ds.data", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="train the tokenizer and write the indexed datasets")
