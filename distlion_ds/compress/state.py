@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import torch
 
+from distlion_ds.checkpoint_io import atomic_write_text, read_verified_text
+
 logger = logging.getLogger(__name__)
 
 Direction = Literal["activations", "gradients"]
@@ -210,22 +212,6 @@ class MemorySampleStore(SampleBufferStore):
             self.put(StreamKey.parse(name), [sid], t.unsqueeze(0))
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    """Temporary name in the same folder, fsync, rename: a crash leaves the old file or the new one, never a torn
-    one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
 def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy())
 
@@ -251,7 +237,7 @@ class _MappedStream:
         self.n_slots = 0  # physical slots handed out so far (the file may be larger: it grows by 1.5x)
         self.sample_shape: tuple[int, ...] | None = tuple(sample_shape) if sample_shape is not None else None
         if os.path.exists(self.index_path):
-            meta = json.loads(_read_text(self.index_path))
+            meta = json.loads(read_verified_text(self.index_path))
             if meta["dtype"] != str(dtype):
                 raise ValueError(f"{self.index_path} holds {meta['dtype']} buffers, the config asks for {dtype}")
             self.sample_shape = tuple(meta["sample_shape"])
@@ -326,7 +312,9 @@ class _MappedStream:
         meta = {"dtype": str(self.dtype), "sample_shape": list(self.sample_shape or ()),
                 "slots": {str(k): v for k, v in sorted(self.table.items())},
                 "crc": {str(self.table[k]): self.crc[self.table[k]] for k in sorted(self.table)}}
-        _atomic_write_text(self.index_path, json.dumps(meta))
+        # Atomic and checksummed (distlion_ds.checkpoint_io): a kill leaves the previous index or this one, and a
+        # corrupted index is refused by name when the folder is reopened.
+        atomic_write_text(self.index_path, json.dumps(meta))
         return meta
 
     def restore(self, meta: dict[str, Any], verify: bool = True) -> None:
