@@ -118,3 +118,15 @@ def test_megatron_script_starts_torchrun_without_venv_on_path(tmp_path):
     proc = _run(ROOT / "launch" / "megatron_gpt.sh", ["--help"], env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage: python -m distlion_ds.megatron.pretrain_gpt" in proc.stdout
+
+
+def test_deepspeed_entry_names_a_missing_config_in_one_line(tmp_path):
+    """Started without the script (e.g. by `deepspeed --module`), the entry refuses before any process group work."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "distlion_ds.deepspeed.pretrain_gpt", "--deepspeed_config",
+                           "configs/deepspeed/missing.json"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"python -m distlion_ds.deepspeed.pretrain_gpt: --deepspeed_config configs/deepspeed/missing.json: no such "
+        f"file (relative to {tmp_path}; the shipped configs are in configs/deepspeed/)"]
