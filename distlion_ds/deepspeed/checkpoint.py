@@ -20,6 +20,18 @@ ranks agree), which removes exactly the per-worker diversity majority voting rel
 ``r + N_saved`` start from the same momentum and decorrelate as their own gradients enter it; shrinking, the
 momenta of the dropped ranks are not used. The step counter is global (equal on every rank) and always kept.
 A different model-parallel size is refused (the parameters themselves would have to be resharded).
+
+Every file of the checkpoint goes through :mod:`distlion_ds.checkpoint_io` (temporary name, fsync, rename, SHA-256
+sidecar; verified at load, a corrupt or truncated file refused with :class:`~distlion_ds.checkpoint_io.
+CheckpointCorruptError`): our momentum files, and DeepSpeed's own files too, through the engine's checkpoint engine
+(its ``save`` / ``load`` / ``makedirs`` seam, when it is DeepSpeed's default ``TorchCheckpointEngine``). The
+``latest`` marker is written last, by global rank 0, after a barrier that follows every rank's files (DeepSpeed alone
+writes it before its final barrier, so it could name a tag whose ZeRO files another rank is still writing), and is
+read verified when a load follows it. A killed save therefore leaves ``latest`` naming the previous complete tag.
+A checkpoint folder that holds no ``.sha256`` sidecar at all was written by plain DeepSpeed (every file our save
+puts under its final name has its sidecar before it): its DeepSpeed files and its ``latest`` are loaded unverified,
+with a warning naming the folder, so warm starts from other DeepSpeed runs keep working; our momentum files are
+always verified.
 """
 
 from __future__ import annotations
@@ -35,9 +47,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distlion_ds.checkpoint_io import (
+    atomic_save,
+    atomic_write_text,
+    checksum_path,
+    load_verified,
+    makedirs_durable,
+    read_verified_text,
+)
+
 __all__ = [
+    "LATEST_FILE",
     "MOMENTUM_FILE_PREFIX",
     "install_checkpoint_hooks",
+    "load_deepspeed_file",
     "load_momentum",
     "momentum_checkpoint_path",
     "save_momentum",
@@ -73,7 +96,7 @@ def save_momentum(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, 
     """
     mp_rank, mp_size = _mp_rank_and_size(engine)
     dp_rank, dp_size = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
-    os.makedirs(tag_dir, exist_ok=True)
+    makedirs_durable(tag_dir)
     path = momentum_checkpoint_path(tag_dir, mp_rank, dp_rank)
     payload = {
         "format_version": _FORMAT_VERSION,
@@ -83,7 +106,7 @@ def save_momentum(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, 
         "mp_rank": mp_rank,
         "mp_world_size": mp_size,
     }
-    torch.save(payload, path)
+    atomic_save(payload, path)
     return path
 
 
@@ -112,6 +135,7 @@ def load_momentum(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, 
     Raises:
         FileNotFoundError: the checkpoint holds no DistributedLion momentum for this model-parallel rank.
         ValueError: the model-parallel size differs, or the saved files are incomplete.
+        CheckpointCorruptError: a momentum file fails its checksum (a ``ValueError``).
     """
     mp_rank, mp_size = _mp_rank_and_size(engine)
     dp_rank, dp_size = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
@@ -126,7 +150,7 @@ def load_momentum(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, 
     if saved != list(range(saved_size)):
         raise ValueError(f"{tag_dir}: DistributedLion momentum files are incomplete (DP ranks {saved})")
     source = dp_rank % saved_size
-    payload = torch.load(momentum_checkpoint_path(tag_dir, mp_rank, source), map_location="cpu", weights_only=True)
+    payload = load_verified(momentum_checkpoint_path(tag_dir, mp_rank, source), map_location="cpu", weights_only=True)
     if payload.get("dp_world_size") != saved_size:
         raise ValueError(
             f"{tag_dir}: {saved_size} DistributedLion momentum files for mp_rank {mp_rank}, but they were saved "
@@ -150,8 +174,88 @@ def load_momentum(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, 
     return source
 
 
+LATEST_FILE = "latest"  # DeepSpeed's marker: the tag a load without ``tag=`` resumes from
+
+
+def _has_sidecars(folder: str) -> bool:
+    """Whether any file in ``folder`` has a checksum sidecar (then the folder was written through checkpoint_io)."""
+    try:
+        return any(name.endswith(".sha256") for name in os.listdir(folder))
+    except FileNotFoundError:
+        return False
+
+
+_warned_unverified: set[str] = set()
+
+
+def _warn_unverified(folder: str, what: str) -> None:
+    if folder not in _warned_unverified:
+        _warned_unverified.add(folder)
+        logger.warning(
+            "%s has no .sha256 checksum files (written by plain DeepSpeed, not through distlion_ds): %s loaded "
+            "without verification",
+            folder,
+            what,
+        )
+
+
+def load_deepspeed_file(path: str, map_location: Any = None) -> Any:
+    """Load one of DeepSpeed's checkpoint files, verified unless its folder comes from plain DeepSpeed.
+
+    Args:
+        path: a file DeepSpeed's engine asks its checkpoint engine for.
+        map_location: as ``torch.load``.
+
+    Returns:
+        The loaded object (``weights_only=False``, as DeepSpeed's own engine loads: its files hold configs and
+        client state, not only tensors).
+
+    Raises:
+        CheckpointCorruptError: the file fails its checksum, or it has no sidecar although its folder has some.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(checksum_path(path)) or _has_sidecars(folder):
+        return load_verified(path, map_location=map_location, weights_only=False)
+    _warn_unverified(folder, "its DeepSpeed files are")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def _verify_checkpoint_engine(engine: Any) -> bool:
+    """Route DeepSpeed's own checkpoint files through checkpoint_io (save, load, makedirs of the engine's
+    ``checkpoint_engine``, wrapped on the instance). Only DeepSpeed's default ``TorchCheckpointEngine``: the others
+    (Nebula, fast, decoupled) have their own write paths and are left as they are (logged). Returns whether done.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if type(ckpt_engine) is not TorchCheckpointEngine:
+        logger.warning(
+            "distlion_ds: DeepSpeed checkpoint engine %s is not TorchCheckpointEngine: DeepSpeed's own checkpoint "
+            "files are written and read by it unverified (the D-Lion momentum files still are verified)",
+            type(ckpt_engine).__name__,
+        )
+        return False
+
+    def save(state_dict: Any, path: str) -> None:
+        # torch's zip format whatever DeepSpeed's "checkpoint": {"checkpoint_serialization": ...} says: torch.load
+        # reads both formats, and the zip writer is the one that streams through the hashing writer.
+        atomic_save(state_dict, path)
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return load_deepspeed_file(path, map_location)
+
+    def makedirs(path: str, exist_ok: bool = False) -> None:
+        if not exist_ok and os.path.isdir(path):
+            raise FileExistsError(f"{path} exists")
+        makedirs_durable(path)
+
+    ckpt_engine.save, ckpt_engine.load, ckpt_engine.makedirs = save, load, makedirs
+    return True
+
+
 def install_checkpoint_hooks(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any) -> None:
-    """Make ``engine.save_checkpoint`` / ``engine.load_checkpoint`` also save / load every rank's momentum.
+    """Make ``engine.save_checkpoint`` / ``engine.load_checkpoint`` also save / load every rank's momentum, and
+    make every file of the checkpoint atomic and checksummed (module docstring).
 
     The engine's bound methods are wrapped on the instance (DeepSpeed has no checkpoint hook for client
     optimizers); the originals stay reachable as ``engine._distlion_original_{save,load}_checkpoint``. Idempotent.
@@ -164,6 +268,12 @@ def install_checkpoint_hooks(engine: Any, optimizer: torch.optim.Optimizer, dp_g
     original_load = engine.load_checkpoint
     save_signature = inspect.signature(original_save)
     load_signature = inspect.signature(original_load)
+    _verify_checkpoint_engine(engine)
+
+    def decoupled() -> bool:
+        # A decoupled checkpoint engine writes 'latest' itself when its asynchronous commit lands.
+        ckpt_engine = getattr(engine, "checkpoint_engine", None)
+        return bool(ckpt_engine is not None and ckpt_engine.is_decoupled())
 
     @functools.wraps(original_save)
     def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
@@ -173,15 +283,31 @@ def install_checkpoint_hooks(engine: Any, optimizer: torch.optim.Optimizer, dp_g
         if tag is None:  # the same default DeepSpeed applies
             tag = f"global_step{engine.global_steps}"
         bound.arguments["tag"] = str(tag)
-        # Written before DeepSpeed's own save: its first barrier then guarantees every rank's file exists before
-        # rank 0 writes the 'latest' pointer to this tag.
-        save_momentum(engine, optimizer, dp_group, os.path.join(bound.arguments["save_dir"], str(tag)))
-        return original_save(*bound.args, **bound.kwargs)
+        save_dir = bound.arguments["save_dir"]
+        write_latest = bound.arguments.get("save_latest", True) and not decoupled()
+        if write_latest:
+            bound.arguments["save_latest"] = False  # written below, last, atomically
+        save_momentum(engine, optimizer, dp_group, os.path.join(save_dir, str(tag)))
+        result = original_save(*bound.args, **bound.kwargs)
+        # DeepSpeed's save ends with a barrier over all ranks: every rank's files of this tag are complete now.
+        if write_latest:
+            if dist.get_rank() == 0:
+                atomic_write_text(os.path.join(save_dir, LATEST_FILE), str(tag))
+            dist.barrier()  # no rank goes on (and, say, loads 'latest') before it names this tag
+        return result
 
     @functools.wraps(original_load)
     def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
         bound = load_signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        universal = bool(getattr(engine, "load_universal_checkpoint", lambda: False)())
+        if bound.arguments.get("tag") is None and not universal:
+            load_dir = bound.arguments["load_dir"]
+            latest = os.path.join(load_dir, LATEST_FILE)
+            if os.path.isfile(latest) and (os.path.exists(checksum_path(latest)) or _has_sidecars(load_dir)):
+                bound.arguments["tag"] = read_verified_text(latest).strip()
+            elif os.path.isfile(latest):
+                _warn_unverified(os.path.abspath(load_dir), f"its {LATEST_FILE} marker is")
         load_path, client_state = original_load(*bound.args, **bound.kwargs)
         # DeepSpeed has just loaded DP rank 0's optimizer state into every rank; replace it with this rank's own.
         if (
@@ -197,4 +323,7 @@ def install_checkpoint_hooks(engine: Any, optimizer: torch.optim.Optimizer, dp_g
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
     setattr(engine, _HOOK_MARKER, True)
-    logger.info("distlion_ds: engine.save_checkpoint/load_checkpoint also keep every DP rank's D-Lion momentum")
+    logger.info(
+        "distlion_ds: engine.save_checkpoint/load_checkpoint also keep every DP rank's D-Lion momentum; checkpoint "
+        "files are written atomically with SHA-256 sidecars and verified at load"
+    )
