@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/bench_p2p.py [--provider triton|torch] [--shape 4096 1 4096] [--dtype bfloat16]
                                    [--link-gbps 1 10 100] [--no-send] [--csv out.csv]
+                                   [--frame-shape 16 1 64] [--frame-only]
 
 Per method (the frames CompressedP2PCommunicator sends, header included):
 - ``B/elem``: wire bytes per tensor element; ``ratio``: uncompressed bytes / frame bytes.
@@ -13,12 +14,18 @@ Per method (the frames CompressedP2PCommunicator sends, header included):
 - ``x@N Gb/s``: modeled speedup of one transfer over a link of N Gbit/s:
   ``raw_bytes / bw`` against ``encode + frame_bytes / bw + decode`` (no overlap assumed).
 On a GPU (provider triton) the Triton kernels run; on a CPU the torch references (the CPU implementation).
+
+A second table gives the per-frame cost on a small tensor (``--frame-shape``), where fixed costs dominate:
+``frame us`` = one frame encoded and decoded by PipeCompressor (receiver naming the cut, as the 1F1B communicator
+does), ``codec us`` = the codec's own encode + decode of the same tensor in the same run, ``overhead us`` = the
+difference (header, feedback bookkeeping, checks, byte counts).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import os
 import socket
 import sys
@@ -83,6 +90,34 @@ def measure_sends(shape, dtype, provider: str, iters: int) -> dict[str, float]:
         return dict(out)
 
 
+def frame_overhead(shape, dtype, device, provider: str) -> list[dict]:
+    """Per-frame cost against the bare codec on a small tensor (see the module docstring)."""
+    x = torch.randn(shape, device=device).to(dtype)
+    rows = []
+    for name, cfg in METHODS.items():
+        pc = _compressor(cfg, provider)
+        codec = pc.codecs["activations"]
+        # the receiver names the cut where the decode accepts it (the communicator's 1F1B path)
+        kw = {"cut": (0, 0)} if "cut" in inspect.signature(pc.decode).parameters else {}
+
+        def frame(pc=pc, kw=kw):
+            f = pc.encode("activations", x, stage=0, chunk=0, mode=Mode.TRAIN)
+            return pc.decode("activations", f, shape, dtype, Mode.TRAIN, **kw)
+
+        t_frame = timeit(frame, device, min_time=1.0)
+        t_codec = timeit(lambda c=codec: c.decode(c.encode(x), shape, dtype), device, min_time=1.0)
+        rows.append({"method": name, "frame us": 1e6 * t_frame, "codec us": 1e6 * t_codec,
+                     "overhead us": 1e6 * (t_frame - t_codec)})
+    return rows
+
+
+def _table(rows: list[dict]) -> None:
+    cols = list(rows[0])
+    print(" | ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:>12.4g}" if isinstance(r[c], float) else f"{r[c]:>12}" for c in cols))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--provider", choices=["triton", "torch"], default=None,
@@ -94,10 +129,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-send", action="store_true", help="skip the two-process loopback send")
     ap.add_argument("--iters", type=int, default=10, help="loopback sends per method")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--frame-shape", type=int, nargs="+", default=[16, 1, 64],
+                    help="small tensor of the per-frame cost table")
+    ap.add_argument("--frame-only", action="store_true", help="only the per-frame cost table")
     args = ap.parse_args(argv)
     provider, device = resolve_provider(ap, args.provider)
-    shape = tuple(args.shape or ((4096, 1, 4096) if device.type == "cuda" else (2048, 1, 1024)))
     dtype = getattr(torch, args.dtype)
+    fshape = tuple(args.frame_shape)
+    frames = frame_overhead(fshape, dtype, device, provider)
+    print(f"# per-frame cost  provider={provider}  shape={list(fshape)} {args.dtype}")
+    _table(frames)
+    if args.frame_only:
+        return 0
+    shape = tuple(args.shape or ((4096, 1, 4096) if device.type == "cuda" else (2048, 1, 1024)))
     x = torch.randn(shape, device=device).to(dtype)
     raw = x.numel() * x.element_size()
 
@@ -120,10 +164,8 @@ def main(argv=None) -> int:
 
     print(f"# bench_p2p  device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  "
           f"provider={provider}  shape={list(shape)} {args.dtype}  ({x.numel()} elements, {raw / 2**20:.1f} MiB)")
+    _table(rows)
     cols = list(rows[0])
-    print(" | ".join(f"{c:>12}" for c in cols))
-    for r in rows:
-        print(" | ".join(f"{r[c]:>12.4g}" if isinstance(r[c], float) else f"{r[c]:>12}" for c in cols))
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)

@@ -20,7 +20,9 @@ from distlion_ds.compress import (
     StreamKey,
     build_codec,
 )
+from distlion_ds.compress.codecs import bitmap_gather
 from distlion_ds.compress.pipe import find_disagreements
+from distlion_ds.kernels.signs import unpack_bits_ref
 
 META = torch.device("meta")
 CODECS = [{"method": "none"}, {"method": "topk", "ratio": 0.1}, {"method": "topk", "ratio": 0.01},
@@ -66,8 +68,8 @@ def test_frames_on_meta_tensors(feedback):
 
 
 def test_topk_bitmap_decode_matches_scatter_oracle():
-    """The sync-free gather decode against an independent oracle: keep the k largest |x| (ties to the lower
-    index), zeros elsewhere, bit for bit (signed zeros and NaN included)."""
+    """Both bitmap decodes (CPU scatter, device gather) against an independent oracle: keep the k largest |x|
+    (ties to the lower index), zeros elsewhere, bit for bit (signed zeros and NaN included)."""
     codec = build_codec({"method": "topk", "ratio": 0.3})
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -77,13 +79,21 @@ def test_topk_bitmap_decode_matches_scatter_oracle():
         x[11] = float("nan")
         k = codec.k(x.numel())
         assert codec._index_layout(x.numel())[0] == "bitmap"
-        y = codec.decode(codec.encode(x), x.shape, dtype)
+        p = codec.encode(x)
+        y = codec.decode(p, x.shape, dtype)  # CPU: nonzero + scatter
+        vbytes = k * dtype.itemsize
+        bits = unpack_bits_ref(p[vbytes:], x.numel()).view(torch.bool)
+        z = bitmap_gather(bits, p[:vbytes].view(dtype), k)  # the device path, here on CPU data
         key = torch.where(torch.isnan(x.float()), torch.inf, x.float().abs())
         order = sorted(range(x.numel()), key=lambda i: (-key[i].item(), i))[:k]
         want = torch.zeros_like(x)
         want[order] = x[order]
-        assert torch.equal(y.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                           want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+        as_int = torch.int16 if dtype != torch.float32 else torch.int32
+        assert torch.equal(y.view(as_int), want.view(as_int)) and torch.equal(z.view(as_int), want.view(as_int))
+        bad = bits.clone()
+        bad[0] = ~bad[0]
+        with pytest.raises(ValueError, match=f"exactly k={k} bits"):
+            bitmap_gather(bad, p[:vbytes].view(dtype), k)
 
 
 def test_corrupt_topk_bitmap_refused():
@@ -92,7 +102,7 @@ def test_corrupt_topk_bitmap_refused():
     p = codec.encode(x)
     vbytes = codec.k(800) * 4
     p[vbytes] = 0 if p[vbytes].item() else 0xFF  # the first 8 index bits changed: no longer k bits set
-    with pytest.raises(ValueError, match="exactly k=200 bits"):
+    with pytest.raises(ValueError, match="exactly k=200 bits set"):
         codec.decode(p, x.shape, x.dtype)
 
 

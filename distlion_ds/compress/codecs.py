@@ -80,6 +80,27 @@ def check_on_device(ok: torch.Tensor, message: str) -> None:
         torch._assert_async(ok, message)
 
 
+def bitmap_gather(bits: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense tensor from a TopK bitmap and its ``k`` values (ascending index order), without a host sync.
+
+    Element j takes value number (set bits up to and including j) - 1: a gather through a prefix sum, where
+    ``.nonzero()`` would make the host wait for the device to learn its output size. Same bits as scattering the
+    values to the set positions. A bitmap without exactly ``k`` bits set is refused (on the device on a GPU).
+
+    Args:
+        bits: flat bool bitmap of ``numel`` elements.
+        values: the ``k`` kept values, in the output dtype.
+        k: number of kept values (>= 1).
+    Returns:
+        Flat tensor of ``numel`` elements in ``values``' dtype, zeros where no bit is set.
+    """
+    numel = bits.numel()
+    pos = torch.cumsum(bits, 0, dtype=torch.int32 if numel < 2**31 else torch.int64)
+    check_on_device(pos[-1] == k, f"topk payload bitmap does not have exactly k={k} bits set")
+    taken = values.index_select(0, pos.sub_(1).clamp_(min=0))
+    return torch.where(bits, taken, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
 def as_dtype(payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """View a flat uint8 slice as ``dtype``; copies only when the slice is misaligned for it."""
     if dtype == torch.uint8:
@@ -253,15 +274,14 @@ class TopKCodec(Codec):
         values = as_dtype(payload[:vbytes], dtype)
         layout, _ = self._index_layout(numel)
         if layout == "bitmap":
-            # Sync-free: element j takes value number (bits set before and at j) - 1, a gather through a prefix
-            # sum; .nonzero() would wait for the device to learn its output size. Same bits as a scatter of the
-            # set positions, since the values are stored in ascending index order.
             bits = ops["unpack_bits"](payload[vbytes:], numel).view(torch.bool)
-            pos = torch.cumsum(bits, 0, dtype=torch.int32 if numel < 2**31 else torch.int64)
-            check_on_device(pos[-1] == k, f"topk payload bitmap does not have exactly k={k} bits set")
-            taken = values.index_select(0, pos.sub_(1).clamp_(min=0))
-            out = torch.where(bits, taken, torch.zeros((), dtype=dtype, device=payload.device))
-            return out.view(tuple(shape))
+            if payload.device.type != "cpu":
+                return bitmap_gather(bits, values, k).view(tuple(shape))
+            # On the host .nonzero() waits for nothing, and its scatter is the faster CPU path (bench_p2p,
+            # 2M bf16 elements at 10 %: 2.1 ms against 3.5 ms for the gather).
+            idx = bits.nonzero().view(-1)
+            if idx.numel() != k:
+                raise ValueError(f"topk payload bitmap does not have exactly k={k} bits set (has {idx.numel()})")
         else:
             w = self.index_width(numel)
             bits = ops["unpack_bits"](payload[vbytes:], k * w).view(k, w).to(torch.int64)
