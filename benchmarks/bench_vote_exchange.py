@@ -52,8 +52,10 @@ def _worker(rank, world, port, numel, steps, provider, queue):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     _dispatch.INTERPRET = provider == "triton"
     sizes = [numel // 8] * 7 + [numel - 7 * (numel // 8)]
+    # Replicas start identical (DistributedLion checks it); gradients differ per rank, as in data parallelism.
+    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+              for i, s in enumerate(sizes)]
     gen = torch.Generator().manual_seed(rank)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in sizes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     results = {}

@@ -222,3 +222,20 @@ def test_bf16_without_master_weights_does_not_stall_and_fp16_is_refused():
         h = torch.nn.Parameter(torch.ones(8, dtype=torch.float16))
         h.grad = torch.ones(8, dtype=torch.float16)
         DistributedLion([h]).step()
+
+
+def test_checksum_sees_every_bit_and_ignores_layout():
+    from distlion_ds.comm import local_checksum
+
+    flat = torch.randn(103, generator=torch.Generator().manual_seed(3))
+    for t in (flat, flat[13:40], flat[:7], torch.randn(5, dtype=torch.bfloat16)):
+        base = local_checksum([t])
+        assert torch.equal(base, local_checksum([t.clone()]))  # an odd offset in a flat buffer changes nothing
+        raw = t.clone().view(torch.uint8)
+        for byte in range(raw.numel()):
+            for bit in (0, 7):
+                flipped = raw.clone()
+                flipped[byte] ^= 1 << bit
+                assert not torch.equal(local_checksum([flipped.view(t.dtype)]), base), (t.numel(), byte, bit)
+    a, b = torch.randn(6), torch.randn(6)
+    assert not torch.equal(local_checksum([a, b]), local_checksum([b, a]))  # parameter order matters
