@@ -5,7 +5,16 @@ Transport-free: nothing here imports ``torch.distributed``; the megatron / DeepS
 
 from .codecs import Codec, NoneCodec, QuantizeCodec, TopKCodec, available_codecs, build_codec, register_codec
 from .config import AQSGDConfig, CompressionConfig, NoneCodecConfig, QuantizeCodecConfig, TopKCodecConfig
-from .pipe import HEADER_BYTES, CompressionState, FrameInfo, Mode, PipeCompressor, empty_stats
+from .pipe import (
+    HEADER_BYTES,
+    PROTOCOL,
+    CompressionState,
+    FrameInfo,
+    Mode,
+    PipeCompressor,
+    empty_stats,
+    find_disagreements,
+)
 from .state import (
     DiskSampleStore,
     FeedbackStore,
@@ -18,6 +27,7 @@ from .state import (
 __all__ = [
     "Codec", "NoneCodec", "QuantizeCodec", "TopKCodec", "available_codecs", "build_codec", "register_codec",
     "AQSGDConfig", "CompressionConfig", "NoneCodecConfig", "QuantizeCodecConfig", "TopKCodecConfig",
-    "HEADER_BYTES", "CompressionState", "FrameInfo", "Mode", "PipeCompressor", "empty_stats",
+    "HEADER_BYTES", "PROTOCOL", "CompressionState", "FrameInfo", "Mode", "PipeCompressor", "empty_stats",
+    "find_disagreements",
     "DiskSampleStore", "FeedbackStore", "MemorySampleStore", "SampleBufferStore", "StreamKey", "make_sample_store",
 ]

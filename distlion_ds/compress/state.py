@@ -457,6 +457,9 @@ class DiskSampleStore(SampleBufferStore):
                 "streams": {k.name(): s.seal() for k, s in sorted(self._open().items())}}
 
     def load_state_dict(self, state):
+        if "streams" not in state:
+            raise ValueError("the checkpoint's AQ-SGD disk store state predates copy-on-write slots (no 'streams'): "
+                             "it cannot be resumed exactly; start the run again or use that version of distlion_ds")
         if os.path.abspath(state["path"]) != os.path.abspath(self.path):
             raise ValueError(f"checkpoint's AQ-SGD store is at {state['path']}, this store at {self.path}")
         streams = self._open()
