@@ -254,3 +254,22 @@ def test_valid_layouts():
                               "--num-layers-per-virtual-pipeline-stage", "2", "--global-batch-size", "4"), 4)
     assert (lay.dp, lay.vp, lay.num_micro) == (2, 2, 2)
     assert validate_args(_args("--micro-batch-size", "3"), 2).global_batch == 6  # default: micro x dp
+
+
+def test_distributed_timeout(monkeypatch, capsys):
+    """--distributed-timeout-minutes (default 10) reaches init_process_group as a timedelta; bad values refused."""
+    import datetime
+
+    from distlion_ds.megatron import pretrain_gpt
+
+    assert _args().distributed_timeout_minutes == 10.0
+    calls = []
+    monkeypatch.setattr(pretrain_gpt.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(pretrain_gpt.dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(pretrain_gpt.torch.cuda, "is_available", lambda: False)
+    assert pretrain_gpt._init_distributed(_args("--distributed-timeout-minutes", "0.5").distributed_timeout_minutes)
+    assert calls == [(("gloo",), {"timeout": datetime.timedelta(seconds=30)})]
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            _args("--distributed-timeout-minutes", bad)
+        assert "--distributed-timeout-minutes must be a finite number > 0" in capsys.readouterr().err

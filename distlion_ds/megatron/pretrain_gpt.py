@@ -35,7 +35,14 @@ What replaces Megatron-LM's DDP wrapper and optimizer (one function each, below)
 Checkpoints (``--save``/``--load``): one ``torch.save`` file per rank (D-Lion momentum is per rank: replicas share
 parameters, not momentum), holding model, optimizer, LR scheduler, iteration, RNG states (CPU, CUDA, megatron's
 tracker) and the p2p compression state (EF / EF21 / AQ-SGD buffers, byte counts). Resuming is exact: k iterations +
-save + load + k iterations equals 2k iterations bit for bit (tested).
+save + load + k iterations equals 2k iterations bit for bit (tested). Every file is written through
+:mod:`distlion_ds.checkpoint_io` (temporary name, fsync, rename, SHA-256 sidecar) and verified at load; the tracker
+``latest_checkpointed_iteration.txt`` is written last, by rank 0, after a barrier that follows every rank's file, so a
+run killed during a save resumes from the previous complete iteration (tested with kill -9), and a corrupted or
+truncated file is refused with an error naming it.
+
+``--distributed-timeout-minutes`` (Megatron-LM's name, default 10) is the process-group timeout: a stalled or dead
+peer makes every other rank's collective fail after that long instead of hanging for torch's default 30 minutes.
 
 Writes ``<out>/summary.json``: ``{"tp", "pp", "dp", "steps", "losses", "dp_replicas_identical", "wire", ...}``;
 replicas and tied copies are compared with :func:`distlion_ds.comm.replica_checksum` across ranks, not assumed.
@@ -44,6 +51,7 @@ replicas and tied copies are compared with :func:`distlion_ds.comm.replica_check
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import math
@@ -60,6 +68,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from distlion_ds.checkpoint_io import (
+    atomic_save,
+    atomic_write_text,
+    load_verified,
+    makedirs_durable,
+    read_verified_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lion-beta1", type=float, default=0.9)
     g.add_argument("--lion-beta2", type=float, default=0.99)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="process-group timeout: a stalled peer fails every rank after this long (torch's default "
+                        "is 30 minutes)")
     g.add_argument("--p2p-compression", default=None,
                    help="compression JSON (configs/compression/*.json) for pipeline p2p; default: megatron-core's "
                         "own uncompressed communicator")
@@ -156,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.lr > 0:
         ap.error(f"--lr must be > 0, got {args.lr}")
+    if not (args.distributed_timeout_minutes > 0 and math.isfinite(args.distributed_timeout_minutes)):
+        ap.error(f"--distributed-timeout-minutes must be a finite number > 0, got {args.distributed_timeout_minutes}")
     if args.min_lr > args.lr:
         ap.error(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     if args.hidden_size % args.num_attention_heads:
@@ -236,14 +257,19 @@ def validate_args(args: argparse.Namespace, world_size: int) -> Layout:
 # --------------------------------------------------------------------------------------------------- set-up
 
 
-def _init_distributed() -> bool:
-    """Join (or reuse) the default process group; True when this call created it."""
+def _init_distributed(timeout_minutes: float) -> bool:
+    """Join (or reuse) the default process group; True when this call created it.
+
+    ``timeout_minutes`` bounds every collective of the group (gloo and NCCL alike); a reused group keeps the timeout
+    its creator gave it.
+    """
     if dist.is_initialized():
         return False
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return True
 
 
@@ -538,31 +564,58 @@ def _layout_key(args, layout: Layout) -> dict:
 
 
 def save_checkpoint(args, layout, ranks, iteration, chunks, opt, sched, comm, skipped) -> None:
-    """Every rank writes its own file; rank 0 then records the iteration in the tracker file."""
+    """Every rank writes its own file (atomic, checksummed); rank 0 then records the iteration in the tracker file,
+    atomically too, after a barrier: the tracker only ever names an iteration whose files are all complete."""
     path = _rank_file(args.save, iteration, ranks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"iteration": iteration, "layout": _layout_key(args, layout),
-                "model": [c.state_dict() for c in chunks], "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": _rng_state(),
-                "p2p": comm.state_dict() if comm is not None else None, "skipped_steps": skipped}, path)
+    makedirs_durable(path.parent)
+    atomic_save({"iteration": iteration, "layout": _layout_key(args, layout),
+                 "model": [c.state_dict() for c in chunks], "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "rng": _rng_state(),
+                 "p2p": comm.state_dict() if comm is not None else None, "skipped_steps": skipped}, path)
     dist.barrier()  # the tracker may only name an iteration every rank has written
     if dist.get_rank() == 0:
-        (pathlib.Path(args.save) / TRACKER_FILE).write_text(f"{iteration}\n")
+        atomic_write_text(pathlib.Path(args.save) / TRACKER_FILE, f"{iteration}\n")
         logger.info("saved checkpoint of iteration %d to %s", iteration, args.save)
     dist.barrier()
 
 
-def load_checkpoint(args, layout, ranks, chunks, opt, sched, comm) -> tuple[int, int]:
-    """Restore this rank's state; returns (iteration, skipped steps). RNG last: building the model consumed it."""
+def _read_checkpoint(args, ranks) -> tuple[int, dict]:
+    """This rank's (iteration, state) as the tracker names it, both verified against their checksums."""
     tracker = pathlib.Path(args.load) / TRACKER_FILE
     if not tracker.exists():
         raise FileNotFoundError(f"--load {args.load}: no {TRACKER_FILE} (nothing saved there)")
-    iteration = int(tracker.read_text().strip())
+    iteration = int(read_verified_text(tracker).strip())
     path = _rank_file(args.load, iteration, ranks)
     if not path.exists():
         raise FileNotFoundError(f"--load {args.load}: {path.name} of iteration {iteration} is missing; "
                                 f"was it saved with another parallel layout?")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only=False: the RNG states hold Python and NumPy objects. The file passed its checksum, so it is the
+    # file this entry wrote.
+    return iteration, load_verified(path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(args, layout, ranks, chunks, opt, sched, comm) -> tuple[int, int]:
+    """Restore this rank's state; returns (iteration, skipped steps). RNG last: building the model consumed it.
+
+    The tracker and this rank's file are verified against their checksums first (CheckpointCorruptError, naming
+    the file, when they fail).
+    """
+    try:
+        iteration, state = _read_checkpoint(args, ranks)
+        error = None
+    except Exception as e:  # missing, corrupt, unreadable: re-raised below, after the other ranks are told
+        iteration, state, error = None, None, e
+    # Every rank learns which ranks failed, so all of them raise now instead of leaving the others waiting in the
+    # next collective until the process-group timeout.
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32)
+    failed[dist.get_rank()] = error is not None
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.any():
+        bad = [r for r in range(len(failed)) if failed[r]]
+        raise RuntimeError(f"--load {args.load}: rank(s) {bad} could not read their checkpoint files (their errors "
+                           "name the files); load the previous checkpoint or fix those files")
     if state["layout"] != _layout_key(args, layout):
         raise ValueError(f"--load {args.load}: saved with {state['layout']}, this run is "
                          f"{_layout_key(args, layout)}")
@@ -594,7 +647,7 @@ def _replicas_identical(params, group) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    created = _init_distributed()
+    created = _init_distributed(args.distributed_timeout_minutes)
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank != 0:  # megatron-core repeats its missing-Apex / Transformer Engine warnings per layer spec built
         warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
