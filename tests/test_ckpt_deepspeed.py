@@ -3,7 +3,8 @@
 Three 2-rank spawns (each ~10-15 s, mostly imports):
 1. trains K steps, saves tag "a", trains K more (the uninterrupted reference), then saves tag "b" and is SIGKILLed
    on rank 0 in the middle of writing DeepSpeed's model file (a torn temporary; "latest" still names "a");
-2. resumes through "latest" (= "a"), trains K steps: bit for bit the reference; corrupted copies of "a" refused;
+2. resumes through "latest" (= "a"), trains K steps: bit for bit the reference; corrupted copies of "a" refused
+   (a corrupt momentum file on one rank makes every rank raise);
    saves tag "c" and is SIGKILLed on rank 0 just before the "latest" rename (every file of "c" complete);
 3. resumes through "latest" (still "a": the marker is written last) bit for bit again; "c" loaded by its tag equals
    the reference state.
@@ -185,11 +186,17 @@ def _second_run(rank, world, outdir):
         engine.load_checkpoint(str(bad))
     assert str(model_file) in str(e.value)
     shutil.copy(ckpt / "a" / "mp_rank_00_model_states.pt", model_file)
-    momentum_file = bad / "a" / f"distlion_optim_mp_rank_00_dp_rank_00{rank}.pt"
+    # Rank 1's momentum file only: rank 1 names the file, rank 0 (whose own file is fine) names rank 1, and both
+    # raise now rather than at the first training collective.
+    momentum_file = bad / "a" / "distlion_optim_mp_rank_00_dp_rank_001.pt"
     momentum_file.write_bytes(momentum_file.read_bytes()[:-100])
-    with pytest.raises(cio.CheckpointCorruptError, match="truncated or corrupted") as e:
-        engine.load_checkpoint(str(bad))
-    assert str(momentum_file) in str(e.value)
+    if rank == 1:
+        with pytest.raises(cio.CheckpointCorruptError, match="truncated or corrupted") as e:
+            engine.load_checkpoint(str(bad))
+        assert str(momentum_file) in str(e.value)
+    else:
+        with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] could not load their DistributedLion momentum"):
+            engine.load_checkpoint(str(bad))
     (bad / "latest").write_text("b")
     with pytest.raises(cio.CheckpointCorruptError, match="latest"):
         engine.load_checkpoint(str(bad))

@@ -174,6 +174,30 @@ def load_momentum(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, 
     return source
 
 
+def _load_momentum_everywhere(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, tag_dir: str) -> None:
+    """:func:`load_momentum` on every rank, then every rank learns which ranks failed and all of them raise.
+
+    Each rank reads its own momentum file, so one corrupt file fails one rank only; without this the others would go
+    on to the first training collective and wait there for the process-group timeout.
+    """
+    try:
+        load_momentum(engine, optimizer, dp_group, tag_dir)
+        error = None
+    except Exception as e:  # re-raised below, after the other ranks are told
+        error = e
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32)
+    failed[dist.get_rank()] = error is not None
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.any():
+        bad = [r for r in range(len(failed)) if failed[r]]
+        raise RuntimeError(
+            f"{tag_dir}: rank(s) {bad} could not load their DistributedLion momentum (their errors name the files); "
+            "load the previous checkpoint, or pass load_optimizer_states=False to start every rank from zero momentum"
+        )
+
+
 LATEST_FILE = "latest"  # DeepSpeed's marker: the tag a load without ``tag=`` resumes from
 
 
@@ -315,7 +339,7 @@ def install_checkpoint_hooks(engine: Any, optimizer: torch.optim.Optimizer, dp_g
             and bound.arguments.get("load_optimizer_states", True)
             and not bound.arguments.get("load_module_only", False)
         ):
-            load_momentum(engine, optimizer, dp_group, os.path.dirname(load_path))
+            _load_momentum_everywhere(engine, optimizer, dp_group, os.path.dirname(load_path))
         return load_path, client_state
 
     engine._distlion_original_save_checkpoint = original_save
