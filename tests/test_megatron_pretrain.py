@@ -213,7 +213,7 @@ def _args(*extra: str):
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 6, "world size 6"),
     (["--pipeline-model-parallel-size", "2", "--num-layers", "3"], 2, "--num-layers 3"),
     (["--tensor-model-parallel-size", "3", "--num-attention-heads", "4", "--hidden-size", "12"], 3, "heads 4"),
-    (["--p2p-compression", "x.json"], 2, "pipeline-model-parallel-size >= 2"),
+    (["--p2p-compression", str(CONFIGS / "topk10_q8.json")], 2, "pipeline-model-parallel-size >= 2"),
     (["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1",
       "--global-batch-size", "3", "--micro-batch-size", "1"], 2, "multiple of --pipeline-model-parallel-size"),
     (["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "3"],
@@ -237,6 +237,9 @@ def test_invalid_combinations(extra, world, message):
     (["--lr-warmup-iters", "2"], "--lr-warmup-iters 2 must be below"),
     (["--min-lr", "1", "--lr", "0.1"], "--min-lr 1.0 exceeds"),
     (["--optimizer", "sgd"], "invalid choice"),
+    (["--p2p-compression", "no/such.json"], "--p2p-compression: compression config: 'no/such.json' is neither"),
+    (["--p2p-compression", '{"activations": {"method": "topk", "ratio": true}}'],
+     "--p2p-compression: invalid compression config: activations.ratio: Input should be a valid number (got True)"),
 ])
 def test_bad_arguments(extra, message, capsys):
     with pytest.raises(SystemExit):

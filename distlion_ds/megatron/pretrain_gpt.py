@@ -187,6 +187,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  f"({args.lr_decay_iters or args.train_iters})")
     if args.save_interval and not args.save:
         ap.error("--save-interval needs --save")
+    if args.p2p_compression is not None:
+        # Read here, before any process group exists: a bad file is one line on every rank, not a failure after
+        # the ranks have started talking.
+        from distlion_ds.compress.config import CompressionConfig
+
+        try:
+            CompressionConfig.from_json(args.p2p_compression)
+        except ValueError as e:
+            ap.error(f"--p2p-compression: {e}")
     return args
 
 
