@@ -91,7 +91,7 @@ def compression_state(compression: CompressionConfig | dict | str) -> Compressio
     return state
 
 
-def _rank_tag(pp_group: dist.ProcessGroup) -> str:
+def _rank_tag() -> str:
     """This rank's coordinates for per-rank files (AQ-SGD disk store): pipeline, data- and tensor-parallel rank."""
     from megatron.core import parallel_state as ps
 
@@ -155,7 +155,7 @@ class CompressedP2PCommunicator(P2PCommunicator):
         self.vp_size = self.virtual_pipeline_model_parallel_size or 1
         self._fifo: collections.deque[FrameInfo] = collections.deque()
         self._check_config()
-        self.state.bind_rank(_rank_tag(pp_group))
+        self.state.bind_rank(_rank_tag())
         self._agree()
 
     # ------------------------------------------------------------------ agreement across the pipeline group
