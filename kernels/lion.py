@@ -44,9 +44,16 @@ from .signs import _pack_bits, _vote_bits, byte_bits_table, pack_votes_ref, tie_
 
 # Same tile as the sign kernels: 1024 packed bytes = 8192 elements per program (see signs.py).
 _BLOCK_BYTES = 1024
-# 8 warps: 32 elements per thread. At 4 warps (64 per thread) lion_apply fp32 Avg sat at the 255-register cap on
-# Triton 3.9 and vote_count Avg spilled at N >= 32 (sm_90) on 3.6; registers per kernel: benchmarks/RESULTS.md.
-_NUM_WARPS = 8
+# 16 warps: 16 elements per thread. Measured with ptxas -v (tests/test_gpu_compile.py): at 4 warps vote_count Avg
+# spilled at N >= 32 and lion_apply bf16 on unaligned slices spilled 6 KB (Triton 3.6, sm_80); at 8 warps
+# vote_count Avg N = 64 sat at 255 registers and lion_apply bf16 unaligned still spilled 28 B; at 16 warps the
+# worst case is ~130 registers. Left to itself, ptxas then still spilled 4-8 B in a few specialisations to reach
+# 64 or 80 registers (a higher occupancy); a register cap of one CTA's share (65536 / 512 threads = 128) stops
+# that: no spills on Triton 3.6 and 3.9, sm_80 and sm_90. One CTA of 512 threads with 16 elements each keeps
+# ~100 KB of loads in flight per SM, enough for these streaming kernels (issue 10; registers per kernel:
+# benchmarks/RESULTS.md).
+_NUM_WARPS = 16
+_MAX_REGISTERS = 65536 // (32 * _NUM_WARPS)
 
 AGGREGATIONS = ("mavo", "avg")
 
@@ -159,7 +166,7 @@ def lion_votes(grad: torch.Tensor | None, exp_avg: torch.Tensor, beta1: float, s
     g = check_contiguous("grad", grad).reshape(-1) if grad is not None else exp_avg
     grid = (triton.cdiv(out.numel(), _BLOCK_BYTES),)
     launch(_lion_votes_kernel, grid, g, exp_avg, out, flag, n, out.numel(), f32(beta1), f32(1.0 - beta1), step,
-           HAS_GRAD=grad is not None, BLOCK_BYTES=_BLOCK_BYTES, num_warps=_NUM_WARPS)
+           HAS_GRAD=grad is not None, BLOCK_BYTES=_BLOCK_BYTES, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
     return out, nonfinite
 
 
@@ -260,7 +267,7 @@ def vote_count(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int, el
         grid = (triton.cdiv(n_bytes, _BLOCK_BYTES),)
         launch(_vote_count_kernel, grid, recv, recv.stride(0), out, out.stride(0), n_bytes, step, elem_offset,
                N_RANKS=n_ranks, AVG=aggregation == "avg", NBITS=nbits, BLOCK_BYTES=_BLOCK_BYTES,
-               num_warps=_NUM_WARPS)
+               num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
     return out
 
 
@@ -272,15 +279,20 @@ def vote_count(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int, el
 def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, decay, lr, c2, d2, seed, elem_offset,
                        N_RANKS: tl.constexpr, HAS_GRAD: tl.constexpr, AVG: tl.constexpr, NBITS: tl.constexpr,
                        STOCHASTIC: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    # A 64-bit scalar base per program and 32-bit offsets inside the tile: with 64-bit offset tensors the 16-bit
+    # parameter paths on unaligned slices (scalar loads, one address per element) spilled at 128 registers on
+    # Triton 3.6 (ptxas -v, sm_80 and sm_90).
     pid = tl.program_id(0).to(tl.int64)
-    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    base = pid * (BLOCK_BYTES * 8)
+    lbyte = tl.arange(0, BLOCK_BYTES)
     bit_pos = tl.arange(0, 8)
-    idx = byte[:, None] * 8 + bit_pos[None, :]
-    mask = idx < n
-    bmask = byte * 8 < n
+    local = lbyte[:, None] * 8 + bit_pos[None, :]
+    rem = tl.minimum(n - base, BLOCK_BYTES * 8).to(tl.int32)
+    mask = local < rem
+    bmask = lbyte * 8 < rem
     if AVG:
         q = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
-        plane_ptr = agg_ptr + byte  # plane k at k * agg_stride: added to the pointer, never a 32-bit product
+        plane_ptr = agg_ptr + pid * BLOCK_BYTES + lbyte  # plane k at k * agg_stride: added, never a 32-bit product
         for k in tl.static_range(NBITS):
             plane = tl.load(plane_ptr, mask=bmask, other=0).to(tl.int32)
             q += ((plane[:, None] >> bit_pos[None, :]) & 1) << k
@@ -288,22 +300,25 @@ def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, decay, lr, c
         # IEEE division, as the reference's table: `/` would be div.full.f32 (2 ulp) on the GPU.
         delta = tl.math.div_rn((2 * q - N_RANKS).to(tl.float32), tl.full((BLOCK_BYTES, 8), N_RANKS, tl.float32))
     else:
-        plane = tl.load(agg_ptr + byte, mask=bmask, other=0).to(tl.int32)
+        plane = tl.load(agg_ptr + pid * BLOCK_BYTES + lbyte, mask=bmask, other=0).to(tl.int32)
         delta = (2 * ((plane[:, None] >> bit_pos[None, :]) & 1) - 1).to(tl.float32)
-    p = tl.load(p_ptr + idx, mask=mask, other=0.0)
+    p_ptr += base
+    p = tl.load(p_ptr + local, mask=mask, other=0.0)
     p_new = p.to(tl.float32) * decay - delta * lr
     if STOCHASTIC:  # bf16 only (the launcher checks): 16 random bits per element from (seed, elem_offset + idx)
-        rand16 = _hash32((idx + elem_offset).to(tl.uint32), seed.to(tl.uint32)) >> 16
-        tl.store(p_ptr + idx, _cast_bf16_stochastic(p_new, rand16), mask=mask)
+        hidx = (base + elem_offset).to(tl.uint32) + local.to(tl.uint32)  # (elem_offset + idx) mod 2**32
+        rand16 = _hash32(hidx, seed.to(tl.uint32)) >> 16
+        tl.store(p_ptr + local, _cast_bf16_stochastic(p_new, rand16), mask=mask)
     else:
-        tl.store(p_ptr + idx, _cast_rne(p_new, p.dtype), mask=mask)
-    m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        tl.store(p_ptr + local, _cast_rne(p_new, p.dtype), mask=mask)
+    m_ptr += base
+    m = tl.load(m_ptr + local, mask=mask, other=0.0)
     if HAS_GRAD:
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + base + local, mask=mask, other=0.0).to(tl.float32)
         m = m * c2 + g * d2
     else:
         m = m * c2
-    tl.store(m_ptr + idx, m, mask=mask)
+    tl.store(m_ptr + local, m, mask=mask)
 
 
 def _lr_delta_table_ref(n_ranks: int, aggregation: str, lr: float, device) -> torch.Tensor:
@@ -416,7 +431,7 @@ def lion_apply(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | 
            # MaVo never reads N: one compilation serves every group size
            N_RANKS=n_ranks if aggregation == "avg" else 0, HAS_GRAD=grad is not None, AVG=aggregation == "avg",
            NBITS=nbits,
-           STOCHASTIC=stochastic, BLOCK_BYTES=_BLOCK_BYTES, num_warps=_NUM_WARPS)
+           STOCHASTIC=stochastic, BLOCK_BYTES=_BLOCK_BYTES, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
     if target is not data:
         data.copy_(target)
     return None

@@ -5,6 +5,8 @@ the last byte are 0. One bit cannot say 0, so an exact zero votes by the zero ru
 else -1 (``j`` = flat index). A value that is never nonzero therefore alternates its vote and never drifts, where a
 fixed tie-to--1 rule would push it down by lr every step. NaN compares neither > 0 nor < 0 and follows the same
 rule; the optimizer never votes on NaN because a non-finite gradient skips the whole step (DESIGN 3.1 step 7).
+
+GPU bits: comparisons only (no rounding), launched under the policy of kernels/_dispatch.py.
 """
 
 from __future__ import annotations

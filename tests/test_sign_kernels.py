@@ -237,3 +237,124 @@ def test_empty_tensors():
     lion_apply(p, m, None, agg, 2, 0.1, 0.0, 0.99, "mavo")
     assert vote_count(torch.zeros(3, 0, dtype=torch.uint8), 3, "avg", 1).shape == (2, 0)
     assert unpack_signs(pack_signs(p), 0).numel() == 0
+
+
+# --------------------------------------------------------------------------------------------- stochastic rounding
+def _lowbias32_by_python(seed: int, j: int) -> int:
+    """The hash of kernels/_hash.py written with Python ints (an oracle independent of both implementations)."""
+    h = ((j * 0x9E3779B9) & 0xFFFFFFFF) ^ seed
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _bf16_neighbours(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values just below-or-equal and just above-or-equal each finite fp32 value (fp64 compare)."""
+    toward_zero = (v.view(torch.int32) & ~0xFFFF).view(torch.float32)  # bf16 is fp32's top 16 bits
+    exact = toward_zero == v
+    away = (v.view(torch.int32) & ~0xFFFF) + 0x10000
+    away = torch.where(exact, v.view(torch.int32), away).view(torch.float32)
+    lo = torch.where(v >= 0, toward_zero, away)
+    hi = torch.where(v >= 0, away, toward_zero)
+    return lo.double(), hi.double()
+
+
+@pytest.mark.parametrize("aggregation", ["mavo", "avg"])
+def test_lion_apply_stochastic_rounding_matches_reference(aggregation):
+    from distlion_ds.kernels._hash import hash32_ref
+
+    n, n_ranks = 9003, 3  # crosses the kernel's 8192-element tile and the reference's 296-element chunks
+    nbits = aggregate_bits(aggregation, n_ranks)
+    gen = torch.Generator().manual_seed(11)
+    agg = torch.randint(0, 256, (nbits, 1200), dtype=torch.uint8, generator=gen)[:, 7: 7 + math.ceil(n / 8)]
+    p0 = torch.randn(n, generator=gen).to(torch.bfloat16)
+    p0[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    m0 = torch.randn(n, generator=gen)
+    grad = torch.randn(n, generator=gen).to(torch.bfloat16)
+    lr = 3e-3  # about 1/3 of the bf16 ulp at 1: most results fall between two bf16 values
+    results = {}
+    # elem_offset 2**32 - 5000 wraps the hash's 32-bit index inside the tensor
+    for seed, elem_offset in ((0, 0), (1, 1), (2**31 - 1, 123456), (77, 2**32 - 5000)):
+        pk, mk, pr, mr = p0.clone(), m0.clone(), p0.clone(), m0.clone()
+        lion_apply(pk, mk, grad, agg, n_ranks, lr, 0.1, 0.99, aggregation, rounding_seed=seed, elem_offset=elem_offset)
+        lion_apply_ref(pr, mr, grad, agg, n_ranks, lr, 0.1, 0.99, aggregation, rounding_seed=seed,
+                       elem_offset=elem_offset)
+        assert torch.equal(pk.view(torch.int16), pr.view(torch.int16))
+        assert torch.equal(mk, mr)
+        results[seed] = pk
+        # Independent check of the rounding: the fp32 result (round-to-nearest path, fp32 parameter) lies between
+        # two bf16 values and the stochastic result is one of them.
+        p32, m32 = p0.float(), m0.clone()
+        lion_apply_ref(p32, m32, grad, agg, n_ranks, lr, 0.1, 0.99, aggregation)
+        lo, hi = _bf16_neighbours(p32[3:])
+        out = pk[3:].double()
+        assert bool(((out == lo) | (out == hi)).all())
+        assert torch.isnan(pk[0]) and pk[1] == float("inf") and pk[2] == -float("inf")
+        # ... and it rounds up in magnitude exactly when the hash's top 16 bits carry past the dropped bits.
+        rand16 = hash32_ref(seed, torch.arange(elem_offset + 3, elem_offset + n)) >> 16
+        dropped = p32[3:].view(torch.int32).to(torch.int64) & 0xFFFF
+        away = (out.abs() > p32[3:].double().abs())
+        assert torch.equal(away, (dropped + rand16 >= 0x10000) & (dropped > 0))
+    assert not torch.equal(results[0], results[1])
+    # The hash itself, against Python ints.
+    for seed, j in ((0, 0), (1, 5), (2**31 - 1, 2**32 - 1), (12345, 2**32 + 7)):
+        assert int(hash32_ref(seed, torch.tensor([j]))) == _lowbias32_by_python(seed, j % 2**32)
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.3, 0.5, 0.77])
+def test_stochastic_rounding_is_unbiased(frac):
+    # p = 1.5 in bf16 (ulp 2**-7), Delta = +1 everywhere (MaVo all ones), no decay: the fp32 result r = 1.5 - lr
+    # sits `frac` of an ulp below 1.5; each element rounds to 1.5 - ulp with probability frac. The mean over n
+    # elements has standard deviation ulp * sqrt(frac * (1 - frac) / n): 5 of them is the bound.
+    n, ulp = 1 << 15, 2.0**-7
+    lr = frac * ulp
+    r = float(torch.tensor(1.5) - torch.tensor(lr))  # the fp32 value to be rounded
+    p = torch.full((n,), 1.5, dtype=torch.bfloat16)
+    agg = torch.full((1, n // 8), 0xFF, dtype=torch.uint8)
+    lion_apply(p, torch.zeros(n), None, agg, 1, lr, 0.0, 0.99, "mavo", rounding_seed=2024)
+    values = p.double()
+    assert set(values.unique().tolist()) == {1.5 - ulp, 1.5}
+    sigma = ulp * math.sqrt(frac * (1 - frac) / n)
+    assert abs(values.mean().item() - r) <= 5 * sigma
+
+
+def test_stochastic_rounding_unstalls_small_updates():
+    # lr = 1/10 of half an ulp: round to nearest never moves a bf16 parameter; stochastic rounding moves it by lr
+    # per step in expectation. After T steps each element's error is a sum of T roundings of variance <= ulp^2/4.
+    n, ulp, steps = 1 << 14, 2.0**-7, 40
+    lr = 0.1 * ulp / 2
+    agg = torch.full((1, n // 8), 0xFF, dtype=torch.uint8)
+    stalled = torch.full((n,), 1.5, dtype=torch.bfloat16)
+    moving = stalled.clone()
+    m = torch.zeros(n)
+    for t in range(1, steps + 1):
+        lion_apply(stalled, m, None, agg, 1, lr, 0.0, 0.99, "mavo")
+        lion_apply(moving, m, None, agg, 1, lr, 0.0, 0.99, "mavo", rounding_seed=1000 + t)
+    assert bool((stalled == 1.5).all())
+    moved = 1.5 - moving.double().mean().item()
+    bound = 5 * ulp / 2 * math.sqrt(steps / n) + steps * 2.0**-24  # + fp32 rounding of 1.5 - lr per step
+    assert abs(moved - steps * lr) <= bound, (moved, steps * lr, bound)
+    assert moved > steps * lr / 2
+
+
+def test_stochastic_rounding_arguments():
+    n = 64
+    agg = torch.zeros(1, n // 8, dtype=torch.uint8)
+    p32 = torch.randn(n)
+    a, b = p32.clone(), p32.clone()
+    lion_apply(a, torch.zeros(n), None, agg, 2, 1e-3, 0.0, 0.99, "mavo", rounding_seed=5)
+    lion_apply(b, torch.zeros(n), None, agg, 2, 1e-3, 0.0, 0.99, "mavo")
+    assert torch.equal(a, b)  # fp32 parameters have nothing to round: the seed changes nothing
+    with pytest.raises(ValueError, match="float16"):
+        lion_apply(torch.zeros(n, dtype=torch.float16), torch.zeros(n), None, agg, 2, 1e-3, 0.0, 0.99, "mavo",
+                   rounding_seed=5)
+    for fn in (lion_apply, lion_apply_ref):
+        for bad in (-1, 2**31, 1.5, True):
+            with pytest.raises(ValueError, match="rounding_seed"):
+                fn(torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n), None, agg, 2, 1e-3, 0.0, 0.99, "mavo",
+                   rounding_seed=bad)
+        with pytest.raises(ValueError, match="elem_offset"):
+            fn(torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n), None, agg, 2, 1e-3, 0.0, 0.99, "mavo",
+               rounding_seed=1, elem_offset=-1)
