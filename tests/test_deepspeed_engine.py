@@ -237,7 +237,8 @@ def _gas_clipping_warmup_and_save(rank, outdir, results):
     assert not torch.equal(n0, n1)  # ...with each rank's own norm (a DP-averaged norm would be equal)
     m0, m1 = _gather(opt.state[engine.module.fc1.weight]["exp_avg"])
     assert not torch.equal(m0, m1)  # per-rank momenta differ: a checkpoint must keep each of them
-    files = sorted(f for f in os.listdir(outdir / "ckpt_dp2" / "k") if f.startswith("distlion_optim"))
+    files = sorted(f for f in os.listdir(outdir / "ckpt_dp2" / "k")
+                   if f.startswith("distlion_optim") and f.endswith(".pt"))
     assert files == ["distlion_optim_mp_rank_00_dp_rank_000.pt", "distlion_optim_mp_rank_00_dp_rank_001.pt"]
     payload, momentum = _saved_momentum(outdir / "ckpt_dp2" / "k", 0, rank)
     assert payload["dp_world_size"] == 2 and payload["optimizer"]["param_groups"][0]["step"] == K
@@ -295,7 +296,8 @@ def _bf16_engine(rank):
     assert all(torch.equal(m, p.detach().float()) for m, p in zip(masters, ref.parameters(), strict=True))
     assert opt.comm_stats()["steps"] == 0 and len(opt.state) == 0 and opt.param_groups[0]["step"] == 0
     # Reference: bf16 weights, fp32 masters, the same local clipping, D-Lion on the masters.
-    ref_masters = [p.detach().float().clone() for p in ref.parameters()]
+    # Parameters, as DeepSpeed's masters are (requires_grad=True): tensors that do not require grad are frozen.
+    ref_masters = [torch.nn.Parameter(p.detach().float().clone()) for p in ref.parameters()]
     ref_opt = DistributedLion(ref_masters, lr=LR, betas=BETAS, weight_decay=0.1)
     for step in range(1, 4):
         for micro in range(2):
@@ -393,7 +395,7 @@ def _grow_dp2_checkpoint_to_dp4(rank, outdir):
     assert opt.param_groups[0]["step"] == K + 1
     _assert_replicas_identical(engine.module)
     engine.save_checkpoint(str(outdir / "ckpt_dp4"), tag="dp4")
-    files = [f for f in os.listdir(outdir / "ckpt_dp4" / "dp4") if f.startswith("distlion_optim")]
+    files = [f for f in os.listdir(outdir / "ckpt_dp4" / "dp4") if f.startswith("distlion_optim") and f.endswith(".pt")]
     assert len(files) == 4
 
 
@@ -448,7 +450,8 @@ def _pipeline_2_stages_x_2_dp(rank, outdir):
 
     # Pipeline checkpoint: one momentum file per (stage, DP rank); a fresh engine gets its own back.
     engine.save_checkpoint(str(outdir / "ckpt_pipe"), tag="p")
-    files = sorted(f for f in os.listdir(outdir / "ckpt_pipe" / "p") if f.startswith("distlion_optim"))
+    files = sorted(f for f in os.listdir(outdir / "ckpt_pipe" / "p")
+                   if f.startswith("distlion_optim") and f.endswith(".pt"))
     assert files == [f"distlion_optim_mp_rank_{s:02d}_dp_rank_{d:03d}.pt" for s in range(2) for d in range(2)]
     expected = [opt.state[p]["exp_avg"].clone() for p in engine.module.parameters()]
     weights = _flat(engine.module)

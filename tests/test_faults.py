@@ -20,14 +20,15 @@ WORLD, VICTIM, FAULT_STEP, TIMEOUT_S = 3, 1, 5, 5.0
 SLACK_S = 25.0
 
 
-def _run(tmp_path: Path, fault: str) -> tuple[float, dict[int, tuple[int, float, str]]]:
+def _run(tmp_path: Path, fault: str, world: int = WORLD, extra: tuple[str, ...] = (), timeout_s: float = TIMEOUT_S
+         ) -> tuple[float, dict[int, tuple[int, float, str]]]:
     port = free_port()
     procs = {}
-    for rank in range(WORLD):
+    for rank in range(world):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(WORLD))
+                   WORLD_SIZE=str(world))
         procs[rank] = subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp_path), fault, str(VICTIM), str(FAULT_STEP), str(TIMEOUT_S)],
+            [sys.executable, str(WORKER), str(tmp_path), fault, str(VICTIM), str(FAULT_STEP), str(timeout_s), *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = {}
     try:
@@ -40,7 +41,9 @@ def _run(tmp_path: Path, fault: str) -> tuple[float, dict[int, tuple[int, float,
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-            proc.wait()
+        victim_out, _ = procs[VICTIM].communicate()
+    assert (tmp_path / "fault_time").exists(), f"the victim never reached its fault:\n{victim_out[-3000:]}\n" + \
+        "\n".join(f"--- rank {r}:\n{out[-2000:]}" for r, (_, _, out) in results.items())
     return float((tmp_path / "fault_time").read_text()), results
 
 
@@ -61,3 +64,19 @@ def test_stalled_or_dead_peer_ends_every_rank(tmp_path, fault):
             waited = float(re.search(r"failed after ([0-9.]+) s", lines[-1]).group(1))
             assert TIMEOUT_S - 0.5 <= waited < TIMEOUT_S + SLACK_S, lines[-1]
         assert end - fault_time < TIMEOUT_S + SLACK_S, (rank, end - fault_time)
+
+
+@pytest.mark.slow
+def test_deepspeed_config_timeout_ends_a_stalled_run(tmp_path):
+    """distlion_ds.initialize creates the process group with "distlion": {"distributed_timeout_minutes": ...}."""
+    # That timeout also bounds the rendezvous, where two ranks importing DeepSpeed on 2 loaded cores can be seconds
+    # apart: 15 s here (users set minutes).
+    timeout_s = 15.0
+    fault_time, results = _run(tmp_path, "stop", world=2, extra=("deepspeed",), timeout_s=timeout_s)
+    code, end, out = results[0]
+    assert code != 0, out[-2000:]
+    lines = [ln for ln in out.splitlines() if "CollectiveError: distlion_ds: step" in ln]
+    assert lines and f"step {FAULT_STEP}: all_to_all_single of bucket 0 on a group of 2 ranks" in lines[-1], out[-3000:]
+    waited = float(re.search(r"failed after ([0-9.]+) s", lines[-1]).group(1))
+    assert timeout_s - 0.5 <= waited < timeout_s + SLACK_S, lines[-1]
+    assert end - fault_time < timeout_s + SLACK_S

@@ -10,7 +10,8 @@ from .vote_exchange import (
     local_checksum,
     replica_checksum,
     run_collective,
+    set_timeout_everywhere,
 )
 
 __all__ = ["CollectiveError", "InFlight", "VoteExchange", "gather_fingerprints", "gather_objects", "host_flag",
-           "local_checksum", "replica_checksum", "run_collective"]
+           "local_checksum", "replica_checksum", "run_collective", "set_timeout_everywhere"]

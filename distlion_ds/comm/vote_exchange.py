@@ -26,6 +26,7 @@ one line naming the step, the collective, the bucket, the group and what gloo/NC
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 import time
@@ -55,7 +56,7 @@ def _group_size_rank(group) -> tuple[int, int]:
 
 
 _PEER_PATTERNS = (
-    re.compile(r"peer \[([^\]]+)\]:(\d+)"),  # gloo: "Connection closed by peer [127.0.0.1]:17316"
+    re.compile(r"\[([0-9a-fA-F.:]+)\]:(\d+)"),  # gloo: "closed by peer [127.0.0.1]:17316", "Read error [::1]:80"
     re.compile(r"\b(?:from|to) rank (\d+)", re.IGNORECASE),  # NCCL / gloo p2p
 )
 
@@ -92,6 +93,23 @@ def run_collective(what: str, fn, *, step: int | None, group=None):
                f"group's timeout bounds the wait). Backend: {reason}")
         logger.error(msg)
         raise CollectiveError(msg) from exc
+
+
+def set_timeout_everywhere(timeout: datetime.timedelta) -> int:
+    """Give every process group of this process (the world and every sub-group) ``timeout``; returns how many.
+
+    Sub-groups made by ``new_group`` without a timeout (DeepSpeed's data-parallel and pipeline groups, for instance)
+    get torch's default of 30 minutes whatever the world's timeout is, so a stalled peer would still hang the vote
+    exchange that long. ``torch.distributed.distributed_c10d._set_pg_timeout`` is private; tests pin it.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    count = 0
+    for group in list(c10d._world.pg_map):
+        if group is not None and not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timeout, group)
+            count += 1
+    return count
 
 
 def host_flag(t: torch.Tensor) -> bool:

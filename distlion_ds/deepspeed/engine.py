@@ -38,8 +38,10 @@ How DeepSpeed features map onto D-Lion:
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,8 +52,16 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.utils import is_model_parallel_parameter
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
 
+from distlion_ds.comm import set_timeout_everywhere
 from distlion_ds.deepspeed.checkpoint import install_checkpoint_hooks
-from distlion_ds.deepspeed.config import DistLionDeepSpeedPlan, load_deepspeed_config, parse_deepspeed_config
+from distlion_ds.deepspeed.config import (
+    DISTLION_SECTION,
+    DistLionDeepSpeedPlan,
+    DistlionSection,
+    load_deepspeed_config,
+    parse_deepspeed_config,
+    split_distlion_section,
+)
 from distlion_ds.optim.distributed_lion import DistributedLion
 
 __all__ = ["DeepSpeedDistributedLion", "clip_local_grad_norm_", "get_distributed_lion", "initialize"]
@@ -205,10 +215,13 @@ def _norm_exclusions(engine: Any, optimizer: DistributedLion, unit: Any) -> froz
 
 
 def _try_load(source: Any) -> dict[str, Any] | None:
-    try:
+    """The config as a dict; None for a source that is neither a dict nor a file (e.g. base64: DeepSpeed's business).
+
+    A file that exists but does not parse is an error naming the file, raised here before any process group.
+    """
+    if isinstance(source, dict) or (isinstance(source, str | os.PathLike) and os.path.isfile(source)):
         return load_deepspeed_config(source)
-    except (ValueError, OSError):
-        return None  # e.g. a base64 config: DeepSpeed's business
+    return None
 
 
 def initialize(
@@ -254,19 +267,37 @@ def initialize(
                 break
     raw = _try_load(source) if source is not None else None
     p2p = None
+    ours = DistlionSection()
+    rewritten = False
+    if raw is not None:
+        rewritten = DISTLION_SECTION in raw
+        raw, ours = split_distlion_section(raw)  # validated before any process-group work
     if raw is not None and CONFIG_KEY in raw:
         if not isinstance(model, PipelineModule):
             raise ValueError(f'"{CONFIG_KEY}" compresses the p2p between pipeline stages: it needs a deepspeed '
                              f"PipelineModule as model (got {type(model).__name__}); remove the block or use a "
                              "PipelineModule")
         raw, p2p = split_p2p_compression(raw)
-        config, config_params = raw, None  # DeepSpeed gets the config without our block...
-    hide = args_attr if p2p is not None else None
+        rewritten = True
+    if rewritten:
+        config, config_params = raw, None  # DeepSpeed gets the config without our blocks...
+    # Every check on the config runs before the process group exists.
+    plan = parse_deepspeed_config(raw, pipeline=isinstance(model, PipelineModule)) if raw is not None else None
+    if plan is not None and optimizer is not None:
+        raise ValueError(
+            "the config selects optimizer.type=DistributedLion and optimizer= was passed too: pass one of them"
+        )
+    if plan is not None and model is None:
+        raise ValueError("initialize requires a model")
+    # A config that is not ours at all goes to DeepSpeed unchanged (DeepSpeed's own default timeout, 10 minutes).
+    ours_involved = plan is not None or p2p is not None or rewritten
+    timeout = _init_distributed(ours, kwargs | {"dist_init_required": dist_init_required}) if ours_involved else None
+    hide = args_attr if rewritten else None
     saved = getattr(args, hide) if hide else None
     if hide:  # ...and not also in args, which it would refuse
         setattr(args, hide, None)
     try:
-        out = _initialize(raw, args_attr, args=args, model=model, optimizer=optimizer,
+        out = _initialize(plan, args_attr, args=args, model=model, optimizer=optimizer,
                           model_parameters=model_parameters, training_data=training_data, lr_scheduler=lr_scheduler,
                           mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
                           config_params=config_params, **kwargs)
@@ -275,11 +306,35 @@ def initialize(
             setattr(args, hide, saved)
     if p2p is not None:
         enable_pipe_compression(out[0], p2p)
+    if timeout is not None:  # DeepSpeed's own groups (DP, pipeline) were made with torch's 30-minute default
+        n = set_timeout_everywhere(timeout)
+        logger.info("distlion_ds.initialize: process-group timeout %s on %d groups", timeout, n)
     return out
 
 
+def _init_distributed(ours: DistlionSection, ds_kwargs: dict[str, Any]) -> datetime.timedelta | None:
+    """Create the default process group with our timeout, unless the caller already did; the timeout to apply.
+
+    A stalled peer (a frozen VM, a partition) then makes every other rank's collective fail after
+    ``distlion.distributed_timeout_minutes`` (the package's collectives raise one line naming the step and the
+    collective) instead of hanging for torch's default of 30 minutes. When the caller created the process group,
+    its timeout stands (None is returned).
+    """
+    timeout = datetime.timedelta(minutes=ours.distributed_timeout_minutes)
+    if dist.is_initialized():
+        logger.info("distlion_ds.initialize: torch.distributed was initialized by the caller; its timeout applies "
+                    "(pass timeout= to init_process_group, or leave the initialization to us for "
+                    "distlion.distributed_timeout_minutes=%s)", ours.distributed_timeout_minutes)
+        return None
+    if ds_kwargs.get("dist_init_required") is False:
+        return None
+    init_kwargs = {k: ds_kwargs[k] for k in ("distributed_port",) if k in ds_kwargs}
+    deepspeed.init_distributed(timeout=timeout, **init_kwargs)
+    return timeout
+
+
 def _initialize(
-    raw: dict[str, Any] | None,
+    plan: DistLionDeepSpeedPlan | None,
     args_attr: str | None,
     *,
     args: Any,
@@ -290,8 +345,7 @@ def _initialize(
     mpu: Any,
     **kwargs: Any,
 ) -> tuple[Any, Any, Any, Any]:
-    """:func:`initialize` once the config is loaded (``raw``) and its ``p2p_compression`` block handled."""
-    plan = parse_deepspeed_config(raw, pipeline=isinstance(model, PipelineModule)) if raw is not None else None
+    """:func:`initialize` once the config is validated (``plan``: None unless it selects DistributedLion)."""
     if plan is None:
         if isinstance(optimizer, DistributedLion):
             logger.warning(
@@ -301,12 +355,6 @@ def _initialize(
             )
         return deepspeed.initialize(args=args, model=model, optimizer=optimizer, mpu=mpu, config=config,
                                     config_params=config_params, **kwargs)
-    if optimizer is not None:
-        raise ValueError(
-            "the config selects optimizer.type=DistributedLion and optimizer= was passed too: pass one of them"
-        )
-    if model is None:
-        raise ValueError("initialize requires a model")
     sp_size = getattr(mpu, "get_sequence_parallel_world_size", None)
     if sp_size is not None and sp_size() > 1:
         raise ValueError(

@@ -49,7 +49,7 @@ def split_p2p_compression(config: dict[str, Any]) -> tuple[dict[str, Any], Compr
     if CONFIG_KEY not in config:
         return config, None
     rest = {k: v for k, v in config.items() if k != CONFIG_KEY}
-    return rest, CompressionConfig.from_json(config[CONFIG_KEY])
+    return rest, CompressionConfig.from_json(config[CONFIG_KEY], key=CONFIG_KEY)  # errors name p2p_compression.*
 
 
 class _Router:
