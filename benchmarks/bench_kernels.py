@@ -23,6 +23,63 @@ from _timing import resolve_provider, timeit
 from distlion_ds import kernels as K
 
 
+def copy_bandwidth(n: int, device: torch.device) -> tuple[float, float]:
+    """(seconds, bytes/s) of an fp32 copy of ``n`` elements, bytes read + written: the limit the kernels face."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    # Written memory on both sides: never-touched CPU pages all map the kernel's zero page, which turns the "copy"
+    # into a cache-resident read and its bandwidth into fiction (172 GB/s measured on the 2-core VM).
+    copy_src = torch.randn(n, device=device, generator=gen)
+    copy_dst = torch.zeros_like(copy_src)
+    t_copy = timeit(lambda: copy_dst.copy_(copy_src), device)
+    return t_copy, 2 * 4 * n / t_copy
+
+
+def kernel_cases(n: int, ranks: int, device: torch.device, extended: bool = False):
+    """``((t_copy, copy_bw), [(name, fn, bytes moved)], x, k)`` for every launcher on ``n``-element inputs.
+
+    ``extended`` adds the Avg, bf16 and stochastic-rounding variants (benchmarks/gpu_check.py).
+    """
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, device=device, generator=gen)
+    m = torch.randn(n, device=device, generator=gen)
+    p = torch.randn(n, device=device, generator=gen)
+    recv = torch.randint(0, 256, (ranks, n // 8), dtype=torch.uint8, device=device, generator=gen)
+    agg = K.vote_count(recv, ranks, "mavo", 1)
+    k = n // 10
+    codes8, scales8 = K.quantize(x, 8, 256)
+    vals, idx = K.topk_select(x, k)
+    t_copy, copy_bw = copy_bandwidth(n, device)
+    cases = [
+        ("pack_signs", lambda: K.pack_signs(x), 4 * n + n / 8),
+        ("lion_votes", lambda: K.lion_votes(x, m, 0.9, 1), 8 * n + n / 8),
+        (f"vote_count[N={ranks}]", lambda: K.vote_count(recv, ranks, "mavo", 1), ranks * n / 8 + n / 8),
+        ("lion_apply", lambda: K.lion_apply(p, m, x, agg, ranks, 1e-6, 0.0, 0.99, "mavo"), 20 * n + n / 8),
+        ("quantize[8b]", lambda: K.quantize(x, 8, 256), 4 * n + n + n / 64),
+        ("quantize[4b]", lambda: K.quantize(x, 4, 256), 4 * n + n / 2 + n / 64),
+        ("dequantize[8b]", lambda: K.dequantize(codes8, scales8, 8, 256, n, torch.float32), n + n / 64 + 4 * n),
+        ("topk_select[10%]", lambda: K.topk_select(x, k), 4 * n + 12 * k),
+        ("topk_scatter[10%]", lambda: K.topk_scatter(vals, idx, n, torch.float32), 12 * k + 4 * n),
+    ]
+    if extended:
+        nbits = K.lion.aggregate_bits("avg", ranks)
+        agg_avg = K.vote_count(recv, ranks, "avg", 1)
+        xb, pb = x.to(torch.bfloat16), p.to(torch.bfloat16)
+        cases += [
+            ("pack_signs[bf16]", lambda: K.pack_signs(xb), 2 * n + n / 8),
+            ("lion_votes[bf16 grad]", lambda: K.lion_votes(xb, m, 0.9, 1), 6 * n + n / 8),
+            (f"vote_count[avg N={ranks}]", lambda: K.vote_count(recv, ranks, "avg", 1),
+             ranks * n / 8 + nbits * n / 8),
+            (f"lion_apply[avg N={ranks}]", lambda: K.lion_apply(p, m, x, agg_avg, ranks, 1e-6, 0.0, 0.99, "avg"),
+             20 * n + nbits * n / 8),
+            ("lion_apply[bf16]", lambda: K.lion_apply(pb, m, xb, agg, ranks, 1e-6, 0.0, 0.99, "mavo"),
+             14 * n + n / 8),
+            ("lion_apply[bf16 stochastic]", lambda: K.lion_apply(pb, m, xb, agg, ranks, 1e-6, 0.0, 0.99, "mavo",
+                                                                 rounding_seed=5), 14 * n + n / 8),
+            ("quantize[2b stochastic]", lambda: K.quantize(x, 2, 256, True, seed=3), 4 * n + n / 4 + n / 64),
+        ]
+    return (t_copy, copy_bw), cases, x, k
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--provider", choices=["triton", "torch"], default=None,
@@ -33,35 +90,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     provider, device = resolve_provider(ap, args.provider)
     n = args.numel or ((64 << 20) if device.type == "cuda" else (8 << 20))
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(n, device=device, generator=gen)
-    m = torch.randn(n, device=device, generator=gen)
-    p = torch.randn(n, device=device, generator=gen)
-    recv = torch.randint(0, 256, (args.ranks, n // 8), dtype=torch.uint8, device=device, generator=gen)
-    agg = K.vote_count(recv, args.ranks, "mavo", 1)
-    k = n // 10
-    codes8, scales8 = K.quantize(x, 8, 256)
-    vals, idx = K.topk_select(x, k)
-
-    # Written memory on both sides: never-touched CPU pages all map the kernel's zero page, which turns the "copy"
-    # into a cache-resident read and its bandwidth into fiction (172 GB/s measured on the 2-core VM).
-    copy_src = x.clone()
-    copy_dst = torch.zeros_like(copy_src)
-    t_copy = timeit(lambda: copy_dst.copy_(copy_src), device)
-    copy_bw = 2 * 4 * n / t_copy  # bytes read + written
-
-    cases = [
-        ("pack_signs", lambda: K.pack_signs(x), 4 * n + n / 8),
-        ("lion_votes", lambda: K.lion_votes(x, m, 0.9, 1), 8 * n + n / 8),
-        (f"vote_count[N={args.ranks}]", lambda: K.vote_count(recv, args.ranks, "mavo", 1),
-         args.ranks * n / 8 + n / 8),
-        ("lion_apply", lambda: K.lion_apply(p, m, x, agg, args.ranks, 1e-6, 0.0, 0.99, "mavo"), 20 * n + n / 8),
-        ("quantize[8b]", lambda: K.quantize(x, 8, 256), 4 * n + n + n / 64),
-        ("quantize[4b]", lambda: K.quantize(x, 4, 256), 4 * n + n / 2 + n / 64),
-        ("dequantize[8b]", lambda: K.dequantize(codes8, scales8, 8, 256, n, torch.float32), n + n / 64 + 4 * n),
-        ("topk_select[10%]", lambda: K.topk_select(x, k), 4 * n + 12 * k),
-        ("topk_scatter[10%]", lambda: K.topk_scatter(vals, idx, n, torch.float32), 12 * k + 4 * n),
-    ]
+    (t_copy, copy_bw), cases, x, k = kernel_cases(n, args.ranks, device)
     rows = [{"kernel": "copy (limit)", "provider": provider, "device": str(device), "numel": n,
              "ms": 1e3 * t_copy, "GB/s": copy_bw / 1e9, "frac_of_copy": 1.0, "vs_baseline": ""}]
     for name, fn, nbytes in cases:

@@ -131,3 +131,84 @@ def test_ptx_checks_detect_violations(compiled):
     for arch, res in compiled.items():
         control = res["controls"]
         assert control and all(c["div_approx"] > 0 and c["fma"] > 0 for c in control), (arch, control)
+
+
+# ------------------------------------------------------------------------- benchmarks/gpu_check.py without a GPU
+REPO = HERE.parent
+GPU_CHECK = REPO / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """benchmarks/gpu_check.py as a module; its import sets TRITON_INTERPRET, restored after the test."""
+    import importlib.util
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", GPU_CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_arguments_and_no_device(gpu_check, tmp_path, capsys):
+    args = gpu_check.parse_args(["--numel", "4096", "--ranks", "8"])
+    assert (args.numel, args.ranks, args.device, args.dry_run) == (4096, 8, "cuda", False)
+    for bad in (["--numel", "1000"], ["--ranks", "65"], ["--device", "tpu"]):
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(bad)
+    if torch_cuda_available():
+        pytest.skip("this machine has a CUDA device: the no-device exit is not reachable")
+    assert gpu_check.main(["--out-dir", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["sections"] == {} and report["environment"]["device"] == "no CUDA device"
+
+
+def test_gpu_check_report_tables(gpu_check):
+    env = {"date": "2026-11-30 10:00 UTC", "device": "NVIDIA H200", "torch": "2.11", "triton": "3.6.0",
+           "python": "3.12.3", "kernels_from": "kernels/__init__.py", "package": "repo path shim", "run_on": "cuda"}
+    result = {"environment": env, "dry_run": False, "sections": {
+        "tests": {"ok": False, "seconds": 80.0, "counts": {"passed": 34, "failed": 1},
+                  "failed": ["tests/test_gpu_kernels.py::test_topk_on_gpu[dtype0]"]},
+        "bandwidth": {"ok": True, "seconds": 9.0, "numel": 1024, "ranks": 4, "rows": [
+            {"kernel": "copy (D2D, limit)", "ms": 0.5, "GB/s": 3000.0, "frac_of_copy": 1.0},
+            {"kernel": "pack_signs", "ms": 0.25, "GB/s": 2700.0, "frac_of_copy": 0.9}]},
+        "topk": {"ok": True, "seconds": 3.0, "numel": 1024, "k": 102, "ms": 1.0, "torch_topk_ms": 6.0,
+                 "speedup_vs_torch_topk": 6.0, "exact_vs_reference": True},
+        "dlion": {"ok": False, "seconds": 1.0, "error": "RuntimeError: boom"},
+    }}
+    md = gpu_check.render_markdown(result)
+    assert "### Device check (2026-11-30 10:00 UTC, NVIDIA H200)" in md
+    assert "| pack_signs | 0.250 | 2700.0 | 0.90 |" in md
+    assert "| 1024 | 102 | 1.000 | 6.000 | 6.00x | True |" in md
+    assert "**tests**: FAILED" in md and "test_topk_on_gpu[dtype0]" in md
+    assert "**dlion**: FAILED (1.0 s) — `RuntimeError: boom`" in md
+
+
+def test_gpu_check_self_test_without_installation(tmp_path):
+    """The whole script on CPU (kernels interpreted, tiny sizes) with the package NOT importable from site-packages:
+    ``python -S`` skips the editable install's .pth hook, so ``distlion_ds.kernels`` must come from the path shim."""
+    import sysconfig
+
+    code = ("import sys, runpy; sys.path.append(sys.argv[1]); "
+            "sys.argv = [sys.argv[2], '--device=cpu', '--numel', '8192', '--out-dir', sys.argv[3]]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, "-S", "-c", code, sysconfig.get_paths()["purelib"], str(GPU_CHECK),
+                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["environment"]["package"] == "repo path shim"
+    assert report["environment"]["kernels_from"] == os.path.join("kernels", "__init__.py")
+    sections = report["sections"]
+    assert set(sections) == {"bandwidth", "topk", "dlion", "codecs"}
+    assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
+    assert len(sections["bandwidth"]["rows"]) == 17 and sections["topk"]["exact_vs_reference"]
+    assert all(r["payload_equal_to_cpu"] and r["decode_equal_to_cpu"] for r in sections["codecs"]["rows"])
+    assert "| kernel | ms | GB/s | of D2D copy |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
