@@ -358,3 +358,18 @@ def test_stochastic_rounding_arguments():
         with pytest.raises(ValueError, match="elem_offset"):
             fn(torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n), None, agg, 2, 1e-3, 0.0, 0.99, "mavo",
                rounding_seed=1, elem_offset=-1)
+
+
+def test_f32_rounds_like_torch():
+    from distlion_ds.kernels.lion import f32
+
+    gen = torch.Generator().manual_seed(3)
+    values = (torch.rand(2000, generator=gen, dtype=torch.float64) - 0.5) * torch.logspace(-46, 39, 2000,
+                                                                                           dtype=torch.float64)
+    specials = [0.0, -0.0, 1e-46, 1.5e-45, 3.4028235e38, 3.4028236e38, 3.40282357e38, 1e39, -1e39, math.inf,
+                0.1, 1 - 0.9, 0.99]
+    for v in values.tolist() + specials:
+        want = torch.tensor(v, dtype=torch.float32)
+        got = torch.tensor(f32(v), dtype=torch.float64).float()
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), v
+    assert math.isnan(f32(math.nan))
