@@ -115,6 +115,12 @@ class DistributedLionParams(BaseModel):
     """Seed of the stochastic rounding of 16-bit parameters without fp32 master weights, in [0, 2**31). Equal on
     every rank (the config is), so replicas round identically."""
 
+    intra_node_size: Annotated[StrictInt, Field(ge=1)] = 1
+    """Data-parallel ranks per node, L (hierarchical D-Lion, issue 12). 1: flat D-Lion, every rank votes. L > 1:
+    the gradients are reduce-scattered in fp32 inside each node of L consecutive data-parallel ranks, each rank keeps
+    the momentum of its 1/L shard only, and only the nodes vote (1 bit per parameter between nodes); L must divide
+    the data-parallel size."""
+
     @field_validator("betas")
     @classmethod
     def _betas_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:

@@ -121,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop (and save, with --save) after this many iterations of the --train-iters schedule")
     g.add_argument("--optimizer", choices=("distlion", "adam"), default="distlion")
     g.add_argument("--aggregation", choices=("mavo", "avg"), default="mavo", help="D-Lion vote aggregation")
+    g.add_argument("--dlion-intra-node-size", type=int, default=1,
+                   help="hierarchical D-Lion: data-parallel ranks per node (consecutive DP ranks); gradients are "
+                        "reduce-scattered in fp32 inside a node, momentum is sharded across its ranks, only nodes "
+                        "vote. 1 (default): flat D-Lion. Must divide the data-parallel size")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -175,6 +179,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.lr > 0:
         ap.error(f"--lr must be > 0, got {args.lr}")
+    if args.dlion_intra_node_size < 1:
+        ap.error(f"--dlion-intra-node-size must be >= 1, got {args.dlion_intra_node_size}")
+    if args.dlion_intra_node_size > 1 and args.optimizer != "distlion":
+        ap.error(f"--dlion-intra-node-size {args.dlion_intra_node_size} applies to --optimizer distlion only")
     if not (args.distributed_timeout_minutes > 0 and math.isfinite(args.distributed_timeout_minutes)):
         ap.error(f"--distributed-timeout-minutes must be a finite number > 0, got {args.distributed_timeout_minutes}")
     if args.min_lr > args.lr:
@@ -226,6 +234,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> Layout:
         raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                          f"--pipeline-model-parallel-size {pp}")
     dp = world_size // (tp * pp)
+    intra = getattr(args, "dlion_intra_node_size", 1)
+    if dp % intra:
+        raise ValueError(f"--dlion-intra-node-size {intra} does not divide the data-parallel "
+                         f"size {dp} (world {world_size} / tp {tp} / pp {pp}); every node must hold the same number "
+                         "of data-parallel ranks")
     if args.num_layers % pp:
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     vp = 1
@@ -364,7 +377,7 @@ def _build_optimizer(args, chunks, dp_group):
     if args.optimizer == "distlion":
         opt = distlion_ds.DistributedLion(groups, lr=args.lr, betas=(args.lion_beta1, args.lion_beta2),
                                           weight_decay=args.weight_decay, aggregation=args.aggregation,
-                                          process_group=dp_group)
+                                          process_group=dp_group, intra_node_size=args.dlion_intra_node_size)
     else:
         opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                                 weight_decay=args.weight_decay)

@@ -31,6 +31,11 @@ setting and which ranks hold which value, before any vote is exchanged (a mismat
 end in a backend abort that names nothing). Every ``check_replicas_every`` steps the parameters' bit checksum and
 the hyper-parameters are compared again (default: on; its cost is measured in benchmarks/RESULTS.md).
 
+Hierarchical D-Lion. ``intra_node_size=L > 1`` (or explicit ``node_groups``) makes each node of L ranks one voter with
+its ranks' exact mean gradient, momentum sharded across the node's ranks and 1-bit votes only between nodes: the
+step, layout and state are then those of :mod:`distlion_ds.optim.hierarchical` (this class dispatches to it; the
+flat path below is unchanged).
+
 16-bit parameters without fp32 master weights. Lion moves a weight by ``lr``; in bf16 an update below half an ulp of
 the weight rounds away and training silently stalls. bf16 parameters are therefore rounded stochastically (unbiased,
 seeded by ``rounding_seed`` and the step, identical on every rank so replicas stay bit-identical). fp16 parameters are
@@ -128,12 +133,18 @@ class DistributedLion(torch.optim.Optimizer):
         bucket_numel: maximum elements per bucket (a larger parameter gets a bucket of its own).
         rounding_seed: seed of the stochastic rounding of bf16 parameters (must be the same on every rank);
             None rounds to nearest (and a bf16 weight stalls once ``lr`` is below half its ulp).
+        intra_node_size: L, data-parallel ranks per node (nodes are consecutive ranks of ``process_group``).
+            1 (default): flat D-Lion, every rank a voter. L > 1: hierarchical D-Lion
+            (:mod:`distlion_ds.optim.hierarchical`); L must divide the data-parallel size.
+        node_groups: explicit nodes instead, a list of lists of ``process_group`` ranks (disjoint, equal sizes,
+            covering the group); local rank i of a node is its i-th smallest rank.
     """
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, aggregation: str = "mavo", process_group=None, *,
                  raise_on_nonfinite: bool = False, check_replicas_every: int | None = None,
-                 bucket_numel: int = DEFAULT_BUCKET_NUMEL, rounding_seed: int | None = 0):
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL, rounding_seed: int | None = 0,
+                 intra_node_size: int = 1, node_groups: list[list[int]] | None = None):
         if isinstance(lr, bool) or not lr > 0.0:
             raise ValueError(f"Invalid lr: {lr} (must be > 0)")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -150,6 +161,8 @@ class DistributedLion(torch.optim.Optimizer):
             raise ValueError(f"Invalid bucket_numel: {bucket_numel} (must be >= 8)")
         if rounding_seed is not None and not (isinstance(rounding_seed, int) and 0 <= rounding_seed < 2**31):
             raise ValueError(f"Invalid rounding_seed: {rounding_seed!r} (an int in [0, 2**31) or None)")
+        if isinstance(intra_node_size, bool) or not isinstance(intra_node_size, int) or intra_node_size < 1:
+            raise ValueError(f"Invalid intra_node_size: {intra_node_size!r} (an int >= 1: ranks per node)")
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, step=0)
         super().__init__(params, defaults)
         self.aggregation = aggregation
@@ -164,6 +177,13 @@ class DistributedLion(torch.optim.Optimizer):
         self._flags: dict[torch.device, torch.Tensor] = {}
         self._steps = 0
         self._skipped = 0
+        self.intra_node_size = intra_node_size
+        self._hier = None
+        if intra_node_size > 1 or node_groups is not None:
+            from .hierarchical import HierarchicalEngine
+
+            self._hier = HierarchicalEngine(self, process_group, intra_node_size, node_groups)
+            self.intra_node_size = self._hier.L
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; the next step re-buckets (and re-checks agreement)."""
@@ -188,6 +208,8 @@ class DistributedLion(torch.optim.Optimizer):
                 "mixed precision), use bfloat16, or pass rounding_seed=None to accept round-to-nearest")
 
     def _build_buckets(self) -> list[_Bucket]:
+        if self._hier is not None:
+            return self._hier.build_buckets()
         old_momentum = {p: self.state[p]["exp_avg"].clone() for p in self.state if "exp_avg" in self.state[p]}
         buckets: list[_Bucket] = []
         open_by_device: dict[torch.device, _Bucket] = {}
@@ -249,6 +271,8 @@ class DistributedLion(torch.optim.Optimizer):
             "check_replicas_every": self.check_replicas_every,
             "raise_on_nonfinite": self.raise_on_nonfinite,
             "rounding_seed": self.rounding_seed,
+            "intra_node_size": self.intra_node_size,
+            "node groups": self._hier.topology.nodes if self._hier is not None else None,
             "parameter shapes, dtypes and order": [(tuple(p.shape), str(p.dtype)) for p, _ in trainable],
             "frozen parameters (requires_grad=False)": [
                 i for i, p in enumerate(q for g in self.param_groups for q in g["params"]) if not p.requires_grad],
@@ -335,6 +359,11 @@ class DistributedLion(torch.optim.Optimizer):
         if not buckets:
             self._finish_step(t)
             return loss
+        if self._hier is not None:
+            if not self._hier.step(t):
+                return self._skip(t, loss)
+            self._finish_step(t)
+            return loss
         for f in self._flags.values():
             f.zero_()
         beta1_of = {id(g): g["betas"][0] for g in self.param_groups}
@@ -415,25 +444,47 @@ class DistributedLion(torch.optim.Optimizer):
 
         Returns:
             ``{"steps", "params", "bytes_sent", "bytes_received", "skipped_steps", "world_size",
-            "aggregation", "bits_per_param_step"}``; bytes are payload bytes this rank hands to / receives from
+            "aggregation", "bits_per_param_step", "intra_node_size", "num_nodes", "inter_node_bytes_sent",
+            "intra_node_bytes_sent"}``; bytes are payload bytes this rank hands to / receives from
             other ranks in collectives (the vote exchange; the small agreement checks are not counted);
-            ``params`` counts trainable parameters' elements; ``steps`` counts applied and skipped steps.
+            ``bytes_sent`` is the total, split into ``inter_node_bytes_sent`` (votes between nodes) and
+            ``intra_node_bytes_sent`` (fp32 gradients and aggregate bits inside a node; 0 for flat D-Lion, where
+            every rank is its own node); ``params`` counts trainable parameters' elements; ``steps`` counts
+            applied and skipped steps.
         """
         n_params = sum(p.numel() for p, _ in self._trainable())
         steps = self._steps + self._skipped
-        sent = self.exchange.bytes_sent
+        stats = {
+            "bytes_sent": self.exchange.bytes_sent,
+            "bytes_received": self.exchange.bytes_received,
+            "inter_node_bytes_sent": self.exchange.bytes_sent,
+            "intra_node_bytes_sent": 0,
+            "intra_node_size": 1,
+            "num_nodes": self.exchange.world_size,
+        }
+        if self._hier is not None:
+            stats.update(self._hier.comm_stats())
+        sent = stats["bytes_sent"]
         return {
             "steps": steps,
             "params": n_params,
-            "bytes_sent": sent,
-            "bytes_received": self.exchange.bytes_received,
             "skipped_steps": self._skipped,
             "world_size": self.exchange.world_size,
             "aggregation": self.aggregation,
             "bits_per_param_step": 8.0 * sent / (n_params * steps) if n_params and steps else 0.0,
+            **stats,
         }
 
     # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict``; hierarchical: only this rank's momentum shard, plus its layout."""
+        state = super().state_dict()
+        if self._hier is not None:
+            from .hierarchical import STATE_KEY
+
+            state[STATE_KEY] = self._hier.layout_record()
+        return state
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Standard loading, except that momentum stays fp32 whatever the parameter dtype.
 
@@ -441,6 +492,14 @@ class DistributedLion(torch.optim.Optimizer):
         would round the momentum, and the votes depend on it.) The next step re-buckets: the loaded momentum is
         copied into the bucket layout.
         """
+        if self._hier is not None:
+            self._hier.check_loaded(state_dict)
+        elif "hierarchical" in state_dict:
+            raise ValueError(
+                "DistributedLion: this checkpoint holds one rank's momentum shard of hierarchical D-Lion (layout "
+                f"intra_node_size={state_dict['hierarchical'].get('intra_node_size')} x "
+                f"{state_dict['hierarchical'].get('num_nodes')} node(s)), and this optimizer is flat "
+                "(intra_node_size=1); resume with the layout it was saved with")
         saved = {k: v["exp_avg"].clone() for k, v in state_dict["state"].items() if "exp_avg" in v}
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
