@@ -209,6 +209,10 @@ def _check_bad_groupings(rank, world):
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             DistributedLion(params, lr=LR, **kwargs)
+    # Ranks that disagree on the nodes fail at construction, every one of them, before any sub-group is made.
+    with pytest.raises(ValueError, match=r"disagree on the nodes .*ranks \[0, 1\] have nodes \[\[0, 1\], \[2, 3\]\]; "
+                       r"ranks \[2, 3\] have nodes \[\[0, 1, 2, 3\]\]"):
+        DistributedLion(params, lr=LR, intra_node_size=2 if rank < 2 else 4)
 
 
 def _worker_4(rank, world):

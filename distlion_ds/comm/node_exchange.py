@@ -16,10 +16,12 @@ tree order, so it is reproducible across gloo and NCCL and can be written down a
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as dist
 
-from .vote_exchange import _all_gather_single, _group_size_rank, run_collective
+from .vote_exchange import _all_gather_single, _group_size_rank, gather_fingerprints, gather_objects, run_collective
 
 # (id of the default group, global ranks) -> process group. Groups are made once per set of ranks and reused by
 # every optimizer of the process (a NCCL communicator costs seconds and memory; a hashed group name made twice
@@ -64,6 +66,7 @@ class NodeTopology:
         self.node, self.local_rank = next((n, g.index(rank)) for n, g in enumerate(nodes) if rank in g)
         self.intra_group = self.inter_group = None
         if dist.is_available() and dist.is_initialized():
+            _agree(nodes, process_group, world)
             to_global = dist.get_process_group_ranks(process_group or dist.group.WORLD)
             # Every rank makes its node's group first, then its inter-node group: with group-local synchronisation
             # that order cannot deadlock (a rank waits only for ranks that make the same group at the same point).
@@ -72,6 +75,24 @@ class NodeTopology:
 
     def describe(self) -> str:
         return f"{self.num_nodes} node(s) x {self.intra_size} rank(s): {self.nodes}"
+
+
+def _agree(nodes: list[list[int]], process_group, world: int) -> None:
+    """Every rank of the group must name the same nodes, checked before any sub-group is made: ranks that make
+    different groups would wait in the group-local barriers until the process group's timeout, naming nothing."""
+    if world == 1:
+        return
+    digest = int.from_bytes(hashlib.blake2b(repr(nodes).encode(), digest_size=8).digest(), "little", signed=True)
+    table = gather_fingerprints({"nodes": digest}, process_group)
+    if len(set(table["nodes"])) == 1:
+        return
+    shown = gather_objects(nodes, process_group)  # every rank saw the mismatch: every rank takes this branch
+    by_value: dict[str, list[int]] = {}
+    for r, v in enumerate(shown):
+        by_value.setdefault(repr(v), []).append(r)
+    raise ValueError("DistributedLion: the data-parallel ranks disagree on the nodes (intra_node_size / "
+                     "node_groups): " + "; ".join(f"ranks {r} have nodes {v}" for v, r in by_value.items())
+                     + ". Pass the same intra_node_size (or node_groups) on every rank")
 
 
 def _check_nodes(nodes, world: int) -> list[list[int]]:
