@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -80,3 +81,47 @@ def test_deepspeed_config_timeout_ends_a_stalled_run(tmp_path):
     waited = float(re.search(r"failed after ([0-9.]+) s", lines[-1]).group(1))
     assert timeout_s - 0.5 <= waited < timeout_s + SLACK_S, lines[-1]
     assert end - fault_time < timeout_s + SLACK_S
+
+
+@pytest.mark.slow
+def test_megatron_entry_stalled_stage_ends_the_other(tiny_data, tmp_path):
+    """pp=2: the first stage freezes mid-run (SIGSTOP from outside); the last stage exits non-zero with one line naming
+    the iteration and the phase, after --distributed-timeout-minutes."""
+    timeout_s = 15.0
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "0", "--log-interval", "1",
+            "--train-iters", "100000", "--data-path", tiny_data, "--pipeline-model-parallel-size", "2",
+            "--optimizer", "distlion", "--distributed-timeout-minutes", str(timeout_s / 60), "--out", str(tmp_path)]
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    procs = []
+    for rank in range(2):
+        with open(logs[rank], "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "distlion_ds.megatron.pretrain_gpt", *args],
+                env=dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                         WORLD_SIZE="2"), stdout=log, stderr=subprocess.STDOUT))
+    try:
+        deadline = time.time() + 150
+        while "iteration      3/" not in logs[1].read_text():
+            assert procs[1].poll() is None and time.time() < deadline, logs[1].read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        stalled_at = time.time()
+        code = procs[1].wait(timeout=timeout_s + 60)
+        ended = time.time()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    out = logs[1].read_text()
+    assert code != 0, out[-3000:]
+    lines = [ln for ln in out.splitlines() if "CollectiveError: distlion_ds: iteration" in ln]
+    assert lines, out[-3000:]
+    # The stall lands in the pipeline schedule (its p2p) or in the tied-embedding all-reduce right after it.
+    assert re.search(r"iteration \d+: (the pipeline schedule \(p2p send/recv, TP collectives\): pipeline p2p "
+                     r"send/recv|the tied-embedding all-reduce) on a group of 2 ranks", lines[-1]), lines[-1]
+    waited = float(re.search(r"failed after ([0-9.]+) s", lines[-1]).group(1))
+    assert timeout_s - 0.5 <= waited < timeout_s + SLACK_S, lines[-1]
+    assert ended - stalled_at < timeout_s + SLACK_S, ended - stalled_at

@@ -6,12 +6,14 @@ from .vote_exchange import (
     VoteExchange,
     gather_fingerprints,
     gather_objects,
+    group_timeout,
     host_flag,
     local_checksum,
     replica_checksum,
     run_collective,
     set_timeout_everywhere,
+    wait_work,
 )
 
-__all__ = ["CollectiveError", "InFlight", "VoteExchange", "gather_fingerprints", "gather_objects", "host_flag",
-           "local_checksum", "replica_checksum", "run_collective", "set_timeout_everywhere"]
+__all__ = ["CollectiveError", "InFlight", "VoteExchange", "gather_fingerprints", "gather_objects", "group_timeout",
+           "host_flag", "local_checksum", "replica_checksum", "run_collective", "set_timeout_everywhere", "wait_work"]

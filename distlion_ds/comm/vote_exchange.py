@@ -44,7 +44,16 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 
 class CollectiveError(RuntimeError):
-    """A collective of the package failed or timed out (a peer died or stalled); the message names where."""
+    """A collective of the package failed or timed out (a peer died or stalled); the message names where.
+
+    ``detail`` is the message without its location; ``located`` says whether the step/iteration is in it (an
+    enclosing :func:`run_collective` that knows it adds it).
+    """
+
+    def __init__(self, msg: str, *, detail: str = "", located: bool = True):
+        super().__init__(msg)
+        self.detail = detail or msg
+        self.located = located
 
 
 def _group_size_rank(group) -> tuple[int, int]:
@@ -70,29 +79,43 @@ def _peer_hint(reason: str) -> str:
     return "; peer: not named by the backend (a stalled peer shows as a timeout)"
 
 
-def run_collective(what: str, fn, *, step: int | None, group=None):
-    """Run ``fn()`` (a collective or a wait on one); re-raise a failure as one-line :class:`CollectiveError`.
+# What gloo / NCCL / the c10d store say when a peer died or stalled (other RuntimeErrors pass through unchanged).
+_BACKEND_FAILURE = re.compile(r"gloo|nccl|timed out|timeout|connection|pair closure|peer|socket|store|broken pipe",
+                              re.IGNORECASE)
+
+
+def run_collective(what: str, fn, *, step: int | None, group=None, unit: str = "step"):
+    """Run ``fn()`` (collectives or a wait on one); re-raise a backend failure as a one-line :class:`CollectiveError`.
 
     Args:
         what: the collective and its payload, e.g. ``"all_to_all_single of bucket 0 (1024 B)"``.
         fn: a zero-argument callable.
-        step: the optimizer step (None outside a step).
+        step: the optimizer step or training iteration (None outside one).
         group: the process group (for the message).
+        unit: what ``step`` counts (``"step"``, ``"iteration"``).
     """
     start = time.monotonic()
     try:
         return fn()
-    except CollectiveError:
-        raise
-    except (RuntimeError, ValueError) as exc:  # gloo/NCCL report timeouts and resets as RuntimeError subclasses
-        world, rank = _group_size_rank(group)
-        reason = " ".join(str(exc).split())[:400]
-        where = f"step {step}" if step is not None else "outside a step"
-        msg = (f"distlion_ds: {where}: {what} on a group of {world} ranks (this rank {rank}) failed after "
-               f"{time.monotonic() - start:.1f} s{_peer_hint(reason)}; a peer died or stalled (the process "
-               f"group's timeout bounds the wait). Backend: {reason}")
+    except CollectiveError as exc:
+        if exc.located or step is None:
+            raise
+        msg = f"distlion_ds: {unit} {step}: {what}: {exc.detail}"
         logger.error(msg)
-        raise CollectiveError(msg) from exc
+        raise CollectiveError(msg, detail=f"{what}: {exc.detail}") from exc
+    except RuntimeError as exc:  # gloo/NCCL report timeouts and resets as RuntimeError (or DistBackendError)
+        reason = " ".join(str(exc).split())[:400]
+        if not (isinstance(exc, dist.DistError) or _BACKEND_FAILURE.search(reason)):
+            raise
+        world, rank = _group_size_rank(group)
+        where = f"{unit} {step}" if step is not None else f"outside a {unit}"
+        detail = (f"{what} on a group of {world} ranks (this rank {rank}) failed after "
+                  f"{time.monotonic() - start:.1f} s{_peer_hint(reason)}; a peer died or stalled (the process "
+                  f"group's timeout bounds the wait). Backend: {reason}")
+        msg = f"distlion_ds: {where}: {detail}"
+        if step is not None:  # else an enclosing run_collective adds the step and logs
+            logger.error(msg)
+        raise CollectiveError(msg, detail=detail, located=step is not None) from exc
 
 
 def set_timeout_everywhere(timeout: datetime.timedelta) -> int:
@@ -110,6 +133,32 @@ def set_timeout_everywhere(timeout: datetime.timedelta) -> int:
             c10d._set_pg_timeout(timeout, group)
             count += 1
     return count
+
+
+def group_timeout(group=None) -> datetime.timedelta | None:
+    """The process group's timeout when it is a gloo group (its p2p waits need it passed explicitly), else None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    pg = group if group is not None else dist.group.WORLD
+    try:
+        backend = pg._get_backend(torch.device("cpu"))
+    except (RuntimeError, ValueError):  # no CPU backend in this group (NCCL only)
+        return None
+    if type(backend).__name__ != "ProcessGroupGloo":
+        return None
+    return backend.options._timeout
+
+
+def wait_work(work, what: str, *, group=None, step: int | None = None, unit: str = "step") -> None:
+    """``work.wait()``, bounded by the group's timeout on gloo, failures as one-line :class:`CollectiveError`.
+
+    gloo bounds its collectives by the process group's timeout but waits on a point-to-point ``irecv``/``isend``
+    forever unless a timeout is passed to ``wait`` (measured: a SIGSTOPped pipeline stage hung its neighbour for
+    good). NCCL works are waited plainly: its watchdog enforces the timeout, and a timed ``wait`` would block the host.
+    """
+    timeout = group_timeout(group)
+    run_collective(what, (lambda: work.wait(timeout)) if timeout is not None else work.wait, step=step, group=group,
+                   unit=unit)
 
 
 def host_flag(t: torch.Tensor) -> bool:

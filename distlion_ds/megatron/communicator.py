@@ -44,6 +44,7 @@ import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator, _batched_p2p_ops, _p2p_ops
 
+from distlion_ds.comm import wait_work
 from distlion_ds.compress import CompressionConfig, CompressionState, FrameInfo, Mode, PipeCompressor
 from distlion_ds.compress.codecs import Provider
 from distlion_ds.compress.pipe import find_disagreements
@@ -108,13 +109,15 @@ def _rank_tag() -> str:
 class _DecodeOnWait:
     """A p2p request whose ``wait()`` also decodes the received frame into the leaf handed out earlier."""
 
-    def __init__(self, req: Any, finish: Callable[[], None] | None, keep: torch.Tensor | None = None):
+    def __init__(self, req: Any, finish: Callable[[], None] | None, keep: torch.Tensor | None = None,
+                 group: Any = None):
         self._req = req
+        self._group = group
         self._finish = finish
         self._keep = keep  # the frame buffer must outlive the request
 
     def wait(self) -> None:
-        self._req.wait()
+        wait_work(self._req, "pipeline p2p (overlapped)", group=self._group)
         if self._finish is not None:
             finish, self._finish = self._finish, None
             finish()
@@ -122,6 +125,23 @@ class _DecodeOnWait:
 
     def is_completed(self) -> bool:
         return self._req.is_completed()
+
+
+class TimedP2PCommunicator(P2PCommunicator):
+    """megatron-core's own p2p, uncompressed, whose waits are bounded by the pipeline group's timeout.
+
+    On gloo a point-to-point wait never times out by itself (a frozen neighbour hangs the stage for good); this waits
+    each request through :func:`distlion_ds.comm.wait_work`, which fails with one line naming the p2p after the
+    process group's timeout. Batched p2p (``batch_p2p_comm``) is waited by megatron-core itself, unchanged.
+    """
+
+    def _communicate(self, *, wait_on_reqs: bool = True, **kwargs):
+        if not wait_on_reqs or self.config.batch_p2p_comm:
+            return super()._communicate(wait_on_reqs=wait_on_reqs, **kwargs)
+        recv_prev, recv_next, reqs = super()._communicate(wait_on_reqs=False, **kwargs)
+        for req in reqs if isinstance(reqs, list) else reqs.values():
+            wait_work(req, "pipeline p2p send/recv", group=self.pp_group)
+        return recv_prev, recv_next, None
 
 
 class CompressedP2PCommunicator(P2PCommunicator):
@@ -376,7 +396,7 @@ class CompressedP2PCommunicator(P2PCommunicator):
         )
         if wait_on_reqs:
             for req in reqs if isinstance(reqs, list) else reqs.values():
-                req.wait()
+                wait_work(req, "pipeline p2p send/recv", group=self.pp_group)
             if config.batch_p2p_comm and config.batch_p2p_sync:
                 torch.cuda.synchronize()  # megatron-core's guard against a batch_isend_irecv race
             for finish in finishers.values():
@@ -384,7 +404,8 @@ class CompressedP2PCommunicator(P2PCommunicator):
             reqs = None
         else:
             keep = {"send_next": send_next, "send_prev": send_prev, **frames}
-            reqs = {name: _DecodeOnWait(req, finishers.get(name), keep.get(name)) for name, req in reqs.items()}
+            reqs = {name: _DecodeOnWait(req, finishers.get(name), keep.get(name), self.pp_group)
+                    for name, req in reqs.items()}
         return out.get("recv_prev"), out.get("recv_next"), reqs
 
     def _check_dtype(self, t: torch.Tensor) -> None:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import math
@@ -76,6 +77,7 @@ from distlion_ds.checkpoint_io import (
     makedirs_durable,
     read_verified_text,
 )
+from distlion_ds.comm import run_collective, set_timeout_everywhere
 
 logger = logging.getLogger(__name__)
 
@@ -697,6 +699,7 @@ def _run(args, layout: Layout) -> int:
     from distlion_ds.compress import CompressionConfig, CompressionState
     from distlion_ds.data import gpt_datasets
     from distlion_ds.megatron import CompressedP2PCommunicator, enable_cpu
+    from distlion_ds.megatron.communicator import TimedP2PCommunicator
 
     cuda = torch.cuda.is_available()
     enable_cpu()  # no-op with CUDA
@@ -711,6 +714,8 @@ def _run(args, layout: Layout) -> int:
         # Only megatron's distributed optimizer uses the extra gloo groups; on CPU they would duplicate every group
         # (start-up time on 8 processes sharing 2 cores).
         create_gloo_process_groups=False)
+    # megatron-core's groups get its own timeout (whole minutes) or torch's default: give all of them ours.
+    set_timeout_everywhere(datetime.timedelta(minutes=args.distributed_timeout_minutes))
     ranks = {"tp": ps.get_tensor_model_parallel_rank(), "pp": ps.get_pipeline_model_parallel_rank(),
              "dp": ps.get_data_parallel_rank()}
     pp_first = ps.is_pipeline_first_stage(ignore_virtual=True)
@@ -738,6 +743,9 @@ def _run(args, layout: Layout) -> int:
         comm = CompressedP2PCommunicator(ps.get_pipeline_model_parallel_group(), config, compression=compression,
                                          state=CompressionState(compression))
         comm_kw = {"p2p_communicator": comm, "pg_collection": ProcessGroupCollection.use_mpu_process_groups()}
+    elif layout.pp > 1:  # megatron-core's own p2p, with waits bounded by --distributed-timeout-minutes on gloo
+        comm_kw = {"p2p_communicator": TimedP2PCommunicator(ps.get_pipeline_model_parallel_group(), config),
+                   "pg_collection": ProcessGroupCollection.use_mpu_process_groups()}
 
     start, skipped = 0, 0
     if args.load:
@@ -795,14 +803,23 @@ def _run(args, layout: Layout) -> int:
             comm.set_epoch(train.first_sample(it) // epoch_len)  # AQ-SGD: warm-up epochs are sent in full
         for c in chunks:
             c.zero_grad(set_to_none=True)
-        out = run_schedule(train, it, forward_only=False)
-        _allreduce_tied_embedding_grad(tied, embd_group, wire)
+        # A dead or stalled peer fails each phase with one line naming the iteration and the phase.
+        out = run_collective("the pipeline schedule (p2p send/recv, TP collectives)",
+                             functools.partial(run_schedule, train, it, forward_only=False), step=it + 1,
+                             unit="iteration")
+        run_collective("the tied-embedding all-reduce", lambda: _allreduce_tied_embedding_grad(tied, embd_group, wire),
+                       step=it + 1, group=embd_group, unit="iteration")
         if args.optimizer == "adam":
-            _allreduce_dp_grads(params, dp_group, layout.dp, wire)
-        norm = _grad_norm(params, mp_group)
+            run_collective("the DP gradient all-reduce",
+                           lambda: _allreduce_dp_grads(params, dp_group, layout.dp, wire),
+                           step=it + 1, group=dp_group, unit="iteration")
+        norm = run_collective("the gradient-norm all-reduce", lambda: _grad_norm(params, mp_group), step=it + 1,
+                              group=mp_group, unit="iteration")
         # Every rank must agree on skipping: D-Lion's step is a collective over the DP group.
         bad = (~torch.isfinite(norm)).float().reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=dp_group)
+        run_collective("the non-finite agreement all-reduce",
+                       functools.partial(dist.all_reduce, bad, op=dist.ReduceOp.MAX, group=dp_group), step=it + 1,
+                       group=dp_group, unit="iteration")
         if bad.item():
             skipped += 1
             logger.warning("iteration %d: non-finite gradient norm on some replica; step skipped on every rank "
