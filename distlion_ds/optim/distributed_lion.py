@@ -272,7 +272,7 @@ class DistributedLion(torch.optim.Optimizer):
             "raise_on_nonfinite": self.raise_on_nonfinite,
             "rounding_seed": self.rounding_seed,
             "intra_node_size": self.intra_node_size,
-            "node groups": self._hier.topology.nodes if self._hier is not None else None,
+            **(self._hier.settings() if self._hier is not None else {}),
             "parameter shapes, dtypes and order": [(tuple(p.shape), str(p.dtype)) for p, _ in trainable],
             "frozen parameters (requires_grad=False)": [
                 i for i, p in enumerate(q for g in self.param_groups for q in g["params"]) if not p.requires_grad],
@@ -493,7 +493,10 @@ class DistributedLion(torch.optim.Optimizer):
         copied into the bucket layout.
         """
         if self._hier is not None:
-            self._hier.check_loaded(state_dict)
+            if not self._hier.check_loaded(state_dict):  # another rank's shard: hyper-parameters and steps only
+                state_dict = {**state_dict, "state": {}}
+                for p in self.state:
+                    self.state[p].pop("exp_avg", None)
         elif "hierarchical" in state_dict:
             raise ValueError(
                 "DistributedLion: this checkpoint holds one rank's momentum shard of hierarchical D-Lion (layout "

@@ -42,7 +42,11 @@ of it that lies in the shard; parameters outside the shard have no state) and a 
 layout (L, M, the node lists, this rank's local rank, the slice of every parameter). Policy at load: the layout
 must be the same (same L, same M, same local rank, same slices); anything else is refused with a ``ValueError``
 naming both layouts, because a shard's momentum is the EMA of a node mean that no other layout has. A flat
-checkpoint loaded into a hierarchical optimizer, and the reverse, are refused the same way. Re-bucketing within a
+checkpoint loaded into a hierarchical optimizer, and the reverse, are refused the same way. A checkpoint of another
+local rank of the same layout loads the step counters only, and the optimizer refuses to step until this rank's own
+state is loaded (DeepSpeed loads DP rank 0's optimizer state into every rank, then the checkpoint hook of
+:mod:`distlion_ds.deepspeed.checkpoint` loads each rank's own file; a rank left with another's shard would otherwise
+vote with a momentum that is not its own). Re-bucketing within a
 run (``add_param_group``) keeps the momentum of every element that stays in this rank's shard and starts the
 others from zero (logged).
 """
@@ -109,6 +113,7 @@ class HierarchicalEngine:
         self.nbits = aggregate_bits(opt.aggregation, self.M)
         self._scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._ranges: dict[torch.Tensor, tuple[int, int]] = {}  # param -> slice of it whose momentum this rank has
+        self.pending: str | None = None  # why this rank may not step (another rank's shard was loaded)
 
     # ------------------------------------------------------------------------------------------ layout
     def _plan(self) -> list[_HBucket]:
@@ -218,6 +223,8 @@ class HierarchicalEngine:
     def step(self, t: int) -> bool:
         """One hierarchical D-Lion step; False when it was skipped (a non-finite gradient on any of the N ranks)."""
         opt = self.opt
+        if self.pending is not None:  # on every rank: the agreement check before this step compared it
+            raise RuntimeError(self.pending)
         buckets: list[_HBucket] = opt._buckets
         flags = opt._flags
         for f in flags.values():
@@ -317,8 +324,15 @@ class HierarchicalEngine:
             "ranges": sorted((index[id(p)], lo, hi) for p, (lo, hi) in self.ranges().items()),
         }
 
-    def check_loaded(self, state_dict: dict) -> None:
-        """Refuse a checkpoint of another layout (the policy is in the module docstring); adopt its slices."""
+    def check_loaded(self, state_dict: dict) -> bool:
+        """Refuse a checkpoint of another layout (the policy is in the module docstring); adopt its slices.
+
+        Returns:
+            True: the momentum is this rank's and is loaded. False: the checkpoint is another local rank's shard
+            of the same layout (DeepSpeed loads DP rank 0's optimizer state into every rank before our checkpoint
+            hook loads each rank's own file): its momentum is not loaded and the optimizer refuses to step until
+            this rank's own state is loaded (every rank learns it in the agreement check before the next step).
+        """
         mine = self.layout_record()
         theirs = state_dict.get(STATE_KEY)
 
@@ -331,7 +345,16 @@ class HierarchicalEngine:
                 "DistributedLion: this checkpoint was saved by flat D-Lion (intra_node_size=1: full momentum per "
                 f"rank), and this optimizer is hierarchical ({show(mine)}); hierarchical momentum is the EMA of "
                 "a node's mean gradient and cannot be made from it. Resume with the layout it was saved with")
-        same = all(theirs.get(k) == mine[k] for k in ("intra_node_size", "num_nodes", "local_rank")) \
+        same_layout = all(theirs.get(k) == mine[k] for k in ("intra_node_size", "num_nodes", "nodes"))
+        if same_layout and theirs.get("local_rank") != mine["local_rank"]:
+            self.pending = (
+                f"DistributedLion: the state loaded on this rank is the momentum shard of local rank "
+                f"{theirs.get('local_rank')}, and this rank is local rank {mine['local_rank']} ({show(mine)}); load "
+                "this rank's own optimizer state before stepping")
+            logger.info("DistributedLion (hierarchical): loaded the step counters of another rank's state; waiting "
+                        "for this rank's own momentum shard")
+            return False
+        same = same_layout and theirs.get("local_rank") == mine["local_rank"] \
             and [tuple(r) for r in theirs.get("ranges", [])] == [tuple(r) for r in mine["ranges"]]
         if not same:
             raise ValueError(
@@ -340,3 +363,10 @@ class HierarchicalEngine:
                 "to another layout. Resume with the same intra_node_size, number of nodes and rank order")
         params = [q for g in self.opt.param_groups for q in g["params"]]
         self._ranges = {params[i]: (lo, hi) for i, lo, hi in mine["ranges"]}
+        self.pending = None
+        return True
+
+    def settings(self) -> dict[str, object]:
+        """Agreement-fingerprint entries (see ``DistributedLion._settings``)."""
+        return {"node groups": self.topology.nodes,
+                "momentum shard loaded is this rank's own (not another rank's)": self.pending is None}
