@@ -354,3 +354,24 @@ def test_surfaces_deepspeed_key_and_megatron_flag():
     for argv in (["--dlion-intra-node-size", "0"], ["--dlion-intra-node-size", "2", "--optimizer", "adam"]):
         with pytest.raises(SystemExit):
             parse_args(["--train-iters", "2", *argv])
+
+
+def test_add_param_group_keeps_momentum_like_flat():
+    """Re-bucketing (add_param_group) in the hierarchical machinery keeps the momentum, as flat D-Lion does."""
+    runs = []
+    for kwargs in ({}, {"node_groups": [[0]]}):
+        params = _params()
+        opt = DistributedLion(params[:3], lr=LR, betas=BETAS, weight_decay=WD, bucket_numel=512, **kwargs)
+        for step in range(1, 5):
+            if step == 3:
+                opt.add_param_group({"params": params[3:], "lr": 2 * LR})
+            live = params if step >= 3 else params[:3]
+            for i, p in enumerate(live):
+                p.grad = _grad(step, 0, i, SHAPES[i])
+            opt.step()
+        runs.append((params, opt))
+    (flat_p, flat_opt), (hier_p, hier_opt) = runs
+    for a, b in zip(flat_p, hier_p, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=0, rtol=0)
+        torch.testing.assert_close(flat_opt.state[a]["exp_avg"].reshape(-1), hier_opt.state[b]["exp_avg"],
+                                   atol=0, rtol=0)
