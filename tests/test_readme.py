@@ -5,6 +5,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 from _dist import free_port
@@ -22,8 +23,23 @@ def _run_readme_example(section_title: str, tmp_path) -> str:
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", str(free_port()), str(script)], capture_output=True, text=True,
                          timeout=400, cwd=tmp_path, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    if out.returncode != 0 and _teardown_abort_only(out):
+        warnings.warn("the example finished, then torch's gloo aborted at interpreter exit (README: known issue)",
+                      stacklevel=2)
+    else:
+        assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
+
+
+def _teardown_abort_only(out: subprocess.CompletedProcess) -> bool:
+    """torch 2.13's gloo can abort a finished process during interpreter finalization ("terminate called without an
+    active exception": its worker threads still hold tensors when the interpreter is torn down; seen with plain
+    all_to_all_single / all_gather and no package code, ~1 run in 8 on a loaded 2-core machine). The examples print
+    their result after destroy_process_group(): that line, that abort, and no Python traceback from a worker (the
+    part of stderr before torchrun's own report) mean the example itself succeeded."""
+    workers = out.stderr.split("failed (exitcode", 1)[0]
+    return ("terminate called without an active exception" in workers and "Traceback" not in workers
+            and "wire bits/param/step" in out.stdout)
 
 
 @pytest.mark.slow
