@@ -50,20 +50,41 @@ class CommTimer:
             if fn is not None and not getattr(fn, "_slownet_timed", False):
                 setattr(dist, name, self._wrap(fn))
 
+    def add(self, name: str, dt: float) -> None:
+        self.total += dt
+        self.calls += 1
+        self.by_op[name] = self.by_op.get(name, 0.0) + dt
+
     def _wrap(self, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
             finally:
-                dt = time.perf_counter() - t0
-                self.total += dt
-                self.calls += 1
-                self.by_op[fn.__name__] = self.by_op.get(fn.__name__, 0.0) + dt
+                self.add(fn.__name__, time.perf_counter() - t0)
+            # An asynchronous collective returns at once: its cost is the time its wait() blocks the caller.
+            return _TimedWork(out, self, fn.__name__) if kwargs.get("async_op") and out is not None else out
 
         timed._slownet_timed = True
         return timed
+
+
+class _TimedWork:
+    """A torch.distributed Work whose ``wait()`` is timed into the timer (async collectives)."""
+
+    def __init__(self, work, timer: CommTimer, name: str):
+        self._work, self._timer, self._name = work, timer, name
+
+    def wait(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            self._timer.add(self._name, time.perf_counter() - t0)
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
 
 
 TIMER = CommTimer()
