@@ -29,6 +29,24 @@ def table(name: str, rows: list[dict]) -> str:
             f"| {r['iso_comm_s']:.3f} | {r['payload_bytes'] / _MB:.2f} | {r['wire_tx_bytes'] / _MB:.2f} "
             f"| {r['comm_speedup']:.1f}x / {r['iso_comm_speedup']:.1f}x | {r['step_speedup']:.2f}x |\n" for r in rows)
         return head + body
+    if name == "hier":
+        head = ("| link | latency (RTT ms) | goodput MB/s | model | method | step s | fwd+bwd s | optimizer s "
+                "| comm in step s | comm isolated s | payload MB/GPU | inter-node MB/GPU (formula) "
+                "| intra-node MB/GPU | cross-link wire MB/GPU | wire ratio | step speedup |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+        def inter(r: dict) -> str:
+            if r.get("inter_node_bytes") is None:
+                return "n/a"
+            return (f"{_mb(r['inter_node_bytes'])} ({_mb(r['formula_bytes'])}, "
+                    f"{r['inter_node_bytes'] / r['formula_bytes']:.3f}x)")
+
+        body = "".join(
+            f"| {_cond(r)} | {r['goodput_MBps']:.1f} | {r['model']} ({r['n_params'] / 1e6:.1f}M) | {r['method']} "
+            f"| {r['step_s']:.3f} | {r['compute_s']:.3f} | {r['opt_s']:.3f} | {r['comm_s']:.3f} "
+            f"| {r['iso_comm_s']:.3f} | {_mb(r['payload_bytes'])} | {inter(r)} | {_mb(r.get('intra_node_bytes'))} "
+            f"| {_mb(r['wire_tx_per_gpu'])} | {r['wire_ratio']:.1f}x | {r['step_speedup']:.2f}x |\n" for r in rows)
+        return head + body
     if name == "megatron3d":
         head = ("| link | latency (RTT ms) | goodput MB/s | method | s/iter | first iter s | DP MB/iter "
                 "| p2p MB/iter | tied-embedding all-reduce MB/iter | wire MB/host/iter | wire ratio "
@@ -71,6 +89,13 @@ def markdown(results: dict) -> str:
         out.append("\n### Pipeline pp=2 (2 hosts)\n\n" + table("pp", results["pp"]))
     if results.get("3d"):
         out.append("\n### 3D tp2 x pp2 x dp2 (8 ranks on 4 hosts)\n\n" + table("3d", results["3d"]))
+    if results.get("hier"):
+        out.append("\n### Hierarchical D-Lion: data parallel, 2 hosts x 2 ranks (4 ranks; a host's ranks talk over its "
+                   "local route, unshaped)\n\nBytes are per rank (GPU) per step. Inter-node: the optimizer's "
+                   "comm_stats() (flat D-Lion counts all its votes as inter-node, also those to the same host's "
+                   "rank), with issue 12's (1 + b)(M-1)/M / L bits per parameter in brackets. Cross-link wire: what "
+                   "the host's veth sent during the optimizer phase (TCP/IP headers included) / ranks per host.\n\n"
+                   + table("hier", results["hier"]))
     if results.get("megatron3d"):
         out.append("\n### megatron-core 3D tp2 x pp2 x dp2 (distlion_ds.megatron.pretrain_gpt, 8 ranks on 4 hosts)\n\n"
                    + table("megatron3d", results["megatron3d"]))
@@ -105,6 +130,8 @@ def plot(results: dict, path: Path) -> Path | None:
 
     for r in results["dp"]:
         add(f"DP, {r['model']}", r, r["step_s"])
+    for r in results.get("hier", []):
+        add(f"DP 2 hosts x 2 ranks, {r['model']}", r, r["step_s"])
     for r in results["pp"]:
         add("PP=2", r, r["step_s"])
         add("PP=2 activation transfer", r, 1e3 * r["act_transfer_s"], "encode+send+recv+decode (ms)")

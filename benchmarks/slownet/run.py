@@ -1,7 +1,7 @@
 """Slow-network benchmark: emulated hosts behind throttled links, D-Lion and p2p compression vs the baselines.
 
 Usage (root; on a 2-core CPU machine the default run takes ~75 min):
-    python -m benchmarks.slownet.run [--scenario dp,pp,3d,megatron3d] [--bandwidth 10gbit,1gbit,100mbit]
+    python -m benchmarks.slownet.run [--scenario dp,pp,3d,hier,megatron3d] [--bandwidth 10gbit,1gbit,100mbit]
                                      [--latency 0.1ms,5ms] [--models gpt10m,gpt50m] [--out runs/slownet]
 
 Scenarios (per network condition, every method of a scenario runs on the same link, so ratios compare like runs):
@@ -13,6 +13,10 @@ Scenarios (per network condition, every method of a scenario runs on the same li
               send/recv, plus isolated stage-to-stage transfers of the same tensors (15 each, median).
   3d          tp2 x pp2 x dp2 on 4 hosts (TP inside a host, PP and DP across links), hand-written Megatron-style
               TP: fp32 all-reduce + uncompressed p2p vs D-Lion MaVo + TopK-10 % p2p, with a phase breakdown.
+  hier        2 hosts x 2 ranks (ranks of a host talk over the namespace's own local route, unshaped; hosts over
+              the shaped link), data parallel on the dp models: fp32 all-reduce vs flat D-Lion MaVo (4 voters) vs
+              hierarchical D-Lion (intra_node_size=2: fp32 reduce-scatter inside a host, 1-bit votes between the
+              2 hosts), with the cross-link bytes per GPU against (1 + b)(M-1)/M / L bits per parameter (issue 12).
   megatron3d  the same placement running ``python -m distlion_ds.megatron.pretrain_gpt`` (megatron-core
               schedules, CompressedP2PCommunicator, DistributedLion), AdamW + uncompressed vs D-Lion + topk10_q8.
 Each host is a network namespace with a veth to a router namespace: tbf shapes both directions of every link,
@@ -44,6 +48,7 @@ from .netns import SlowNet, check_prerequisites, cleanup_stale, parse_latency, p
 logger = logging.getLogger("slownet")
 
 DP_METHODS = ["fp32_allreduce", "dlion_mavo", "dlion_avg"]
+HIER_METHODS = ["fp32_allreduce", "dlion_mavo", "dlion_hier"]
 PP_METHODS = ["uncompressed", "topk10", "q4", "aqsgd"]
 
 
@@ -152,7 +157,7 @@ def run_megatron3d(net: SlowNet, args, out_dir: Path, tag: str, port: int, timeo
 def launch(net: SlowNet, spec: dict, rank_hosts: list[int], out_dir: Path, tag: str, timeout: float) -> list[dict]:
     """Run one rank per entry of ``rank_hosts`` (the host index of each rank); return each rank's JSON."""
     spec = dict(spec, world=len(rank_hosts), master=net.hosts[rank_hosts[0]].addr,
-                devs=[net.hosts[h].dev for h in rank_hosts])
+                devs=[net.hosts[h].dev for h in rank_hosts], rank_hosts=rank_hosts)
     spec_path = out_dir / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     procs, outs, logs = [], [], []
@@ -188,9 +193,19 @@ def _per_step(per_rank: list[list[dict]], n: int, field, over=max) -> float:
     return statistics.median(over(get(pr[k]) for pr in per_rank) for k in range(n))
 
 
+def _bits(aggregation: str, voters: int) -> int:
+    """b of the bits-per-parameter formula: 1 for MaVo, ceil(log2(voters + 1)) for Avg (DESIGN 3.1)."""
+    return 1 if aggregation == "mavo" else max(1, voters.bit_length())
+
+
 def aggregate_dp(ranks: list[dict]) -> list[dict]:
     """Per (model, method): per timed step the max over ranks (the step ends when the slowest rank does),
-    then the median over steps. Bytes are per rank per step (mean over ranks)."""
+    then the median over steps. Bytes are per rank per step (mean over ranks).
+
+    Several ranks per host (the hier scenario): every rank reads its host's veth, so ``wire_tx_bytes`` is per host
+    and ``wire_tx_per_gpu`` divides it by the host's ranks. D-Lion rows also carry the optimizer's own split
+    (``inter_node_bytes`` / ``intra_node_bytes``, per rank) and ``formula_bytes``: (1 + b)(M-1)/M / L bits per
+    parameter, the inter-node payload per rank issue 12 predicts."""
     rows = []
     for j, res in enumerate(ranks[0]["results"]):
         per_rank = [_timed(r["results"][j]["records"]) for r in ranks]
@@ -210,6 +225,15 @@ def aggregate_dp(ranks: list[dict]) -> list[dict]:
                          payload_bytes=med("payload_bytes", statistics.fmean),
                          wire_tx_bytes=med("wire_tx", statistics.fmean),
                          wire_rx_bytes=med("wire_rx", statistics.fmean)))
+        row = rows[-1]
+        hosts = ranks[0].get("rank_hosts") or list(range(len(ranks)))
+        row["ranks_per_host"] = len(hosts) // len(set(hosts))
+        row["wire_tx_per_gpu"] = row["wire_tx_bytes"] / row["ranks_per_host"]
+        if "intra_node_size" in res:
+            L, M = res["intra_node_size"], res["num_nodes"]
+            row.update(intra_node_size=L, num_nodes=M, inter_node_bytes=med("inter_node_bytes", statistics.fmean),
+                       intra_node_bytes=med("intra_node_bytes", statistics.fmean),
+                       formula_bytes=res["n_params"] * (1 + _bits(res["aggregation"], M)) * (M - 1) / M / L / 8)
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["method"] == "fp32_allreduce")
         r["step_speedup"] = base["step_s"] / r["step_s"]
@@ -278,7 +302,10 @@ def scenario_specs(args) -> dict[str, dict]:
     d3 = dict(scenario="3d", n_hosts=4, rank_hosts=[r // 2 for r in range(8)], module="benchmarks.slownet.worker3d",
               params=dict(model="gpt3d", methods=args.d3_methods.split(","), micro_batch=4, n_micro=2, warmup=1,
                           steps=args.steps, min_steps=args.min_steps, budget_s=args.method_budget_s))
-    return {"dp": dp, "pp": pp, "3d": d3, "megatron3d": dict(scenario="megatron3d", n_hosts=4)}
+    # consecutive ranks on one host: the nodes DistributedLion(intra_node_size=2) makes by default (the worker checks)
+    hier = dict(scenario="hier", n_hosts=2, rank_hosts=[0, 0, 1, 1], params=dict(dp["params"], intra_node_size=2,
+                                                                                methods=args.hier_methods.split(",")))
+    return {"dp": dp, "pp": pp, "3d": d3, "hier": hier, "megatron3d": dict(scenario="megatron3d", n_hosts=4)}
 
 
 def run_scenario(name: str, spec: dict, conditions: list[tuple[str, str]], args, out_dir: Path,
@@ -305,7 +332,8 @@ def run_scenario(name: str, spec: dict, conditions: list[tuple[str, str]], args,
                     rows = run_megatron3d(net, args, out_dir, tag, 29500 + 10 * k, timeout)
                 else:
                     ranks = launch(net, dict(spec, port=29500 + k), rank_hosts, out_dir, tag, timeout)
-                    rows = {"dp": aggregate_dp, "pp": aggregate_pp, "3d": aggregate_3d}[name](ranks)
+                    agg = {"dp": aggregate_dp, "hier": aggregate_dp, "pp": aggregate_pp, "3d": aggregate_3d}[name]
+                    rows = agg(ranks)
             except (RuntimeError, TimeoutError) as exc:
                 logger.error("%s %s failed: %s", name, cond, exc)
                 results["errors"].append(f"{name} {cond}: {exc}")
@@ -323,7 +351,8 @@ def run_scenario(name: str, spec: dict, conditions: list[tuple[str, str]], args,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--scenario", default="dp,pp,3d,megatron3d", help="comma list of: dp, pp, 3d, megatron3d")
+    ap.add_argument("--scenario", default="dp,pp,3d,megatron3d",
+                    help="comma list of: dp, pp, 3d, hier, megatron3d")
     ap.add_argument("--mega-hidden", type=int, default=512, help="megatron3d: hidden size (4 layers, 8 heads)")
     ap.add_argument("--mega-iters", type=int, default=6, help="megatron3d: iterations per method")
     ap.add_argument("--bandwidth", default="10gbit,1gbit,100mbit")
@@ -331,6 +360,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="gpt10m,gpt50m", help="dp models (benchmarks/slownet/models.py)")
     ap.add_argument("--batch", type=int, default=1, help="dp: sequences per rank per step")
     ap.add_argument("--dp-methods", default=",".join(DP_METHODS), help="must include fp32_allreduce (baseline)")
+    ap.add_argument("--hier-methods", default=",".join(HIER_METHODS),
+                    help="hier scenario: must include fp32_allreduce (baseline); dlion_hier[_avg] is hierarchical")
     ap.add_argument("--d3-methods", default="fp32+uncompressed,dlion_mavo+topk10",
                     help="3d scenario; the first one is the baseline")
     ap.add_argument("--pp-methods", default=",".join(PP_METHODS), help="must include 'uncompressed' (baseline)")
@@ -370,7 +401,7 @@ def main(argv=None) -> int:
                              kernel=platform.release(), command=" ".join(["python -m benchmarks.slownet.run",
                                                *(sys.argv[1:] if argv is None else argv)]),
                              tcp=_tcp_settings()),
-                   dp=[], pp=[], runs=[], errors=[], skipped=[], megatron3d=[], **{"3d": []})
+                   dp=[], pp=[], hier=[], runs=[], errors=[], skipped=[], megatron3d=[], **{"3d": []})
     specs = scenario_specs(args)
     unknown = set(args.scenario.split(",")) - set(specs)
     if unknown:

@@ -132,26 +132,62 @@ def _fp32_allreduce(params, world: int, adamw: torch.optim.Optimizer):
 def _isolated_exchange(method: str, opt, n_params: int, repeats: int) -> list[dict]:
     """The optimizer's collectives alone, after a barrier and with no computation on any rank: what the network
     and gloo cost, without the skew of 4 ranks computing on 2 cores. fp32: one all-reduce of all gradients;
-    D-Lion: the vote exchange of every bucket (all_to_all + vote count + all_gather; only the collectives timed)."""
+    D-Lion: the vote exchange of every bucket (all_to_all + vote count + all_gather; only the collectives timed);
+    hierarchical D-Lion: per bucket the intra-node fp32 all_to_all, the inter-node vote exchange and the intra-node
+    all_gather of the aggregate, one after the other (the step overlaps the inter-node exchanges of the buckets)."""
     out = []
     flat = torch.zeros(n_params) if opt is None else None
     flag = torch.zeros(1, dtype=torch.int32)
+    hier = getattr(opt, "_hier", None)
     for _ in range(repeats):
         _barrier()
         TIMER.reset()
         t0 = time.perf_counter()
         if opt is None:
             dist.all_reduce(flat)
-        else:
+        elif hier is None:
             for b in opt._buckets:
                 opt.exchange.exchange(b.votes, flag, 1)
+        else:
+            for k, b in enumerate(opt._buckets):
+                send, recv = (x[: b.numel] for x in hier._scratch[b.device])
+                hier.intra.wait(hier.intra.scatter_gradients(send, recv.view(hier.L, b.shard), 1, k), "iso", 1, k)
+                hier.exchange.exchange(b.votes, flag, 1)
+                hier.intra.wait(hier.intra.gather_bits(b.payload, b.gathered, 1, k), "iso", 1, k)
         out.append(dict(wall_s=time.perf_counter() - t0, comm_s=TIMER.total, by_op=dict(TIMER.by_op)))
     return out
 
 
-def run_dp(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
+def _host_nodes(spec: dict) -> list[list[int]]:
+    """The ranks of each host, in host order (run.py places rank r on host ``rank_hosts[r]``)."""
+    hosts = spec.get("rank_hosts") or list(range(spec["world"]))
+    return [[r for r, h in enumerate(hosts) if h == host] for host in sorted(set(hosts))]
+
+
+def _dlion(method: str, params, p: dict, spec: dict):
+    """``dlion_<mavo|avg>[_bucketK]`` (flat: every rank a voter) or ``dlion_hier[_<mavo|avg>][_bucketK]``
+    (hierarchical, ``intra_node_size`` = the spec's ``intra_node_size``; nodes = consecutive ranks, checked to be
+    the ranks of one host). ``_bucketK`` sets bucket_numel = 2**K (default 2**25)."""
     from distlion_ds import DistributedLion
 
+    name, _, bucket = method.partition("_bucket")
+    agg = name.removeprefix("dlion_")
+    kw = {"bucket_numel": 1 << int(bucket)} if bucket else {}
+    if agg.startswith("hier"):
+        agg = agg.removeprefix("hier").removeprefix("_") or "mavo"
+        if not p.get("intra_node_size"):
+            raise ValueError(f"{method}: the spec's params have no intra_node_size (run it in the 'hier' scenario)")
+        kw["intra_node_size"] = int(p["intra_node_size"])
+    opt = DistributedLion(params, lr=1e-4, aggregation=agg, **kw)
+    hier = getattr(opt, "_hier", None)
+    if hier is not None and hier.topology.nodes != _host_nodes(spec):
+        raise RuntimeError(f"{method}: the optimizer's nodes {hier.topology.nodes} are not the hosts' ranks "
+                           f"{_host_nodes(spec)} (rank_hosts {spec.get('rank_hosts')}): intra-node traffic would "
+                           "cross the shaped link; place consecutive ranks on one host")
+    return opt
+
+
+def run_dp(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
     from .models import MODELS, GPTStage, token_batch
 
     p = spec["params"]
@@ -172,11 +208,7 @@ def run_dp(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
                 ring = 2 * (world - 1) / world * 4 * n_params  # ring all-reduce: bytes each rank sends
                 payload = lambda ring=ring: ring  # noqa: E731
             else:
-                # dlion_<mavo|avg>[_bucketK]: _bucketK sets bucket_numel = 2**K (default 2**25)
-                name, _, bucket = method.partition("_bucket")
-                agg = name.removeprefix("dlion_")
-                kw = {"bucket_numel": 1 << int(bucket)} if bucket else {}
-                opt = DistributedLion(params, lr=1e-4, aggregation=agg, **kw)
+                opt = _dlion(method, params, p, spec)
                 opt_step = opt.step
                 payload = lambda opt=opt: opt.comm_stats()["bytes_sent"]  # noqa: E731  cumulative
             records: list[dict] = []
@@ -191,14 +223,18 @@ def run_dp(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
                 _barrier()
                 rx0, tx0 = netdev(dev)
                 before = payload()
+                split0 = _node_bytes(opt) if method != "fp32_allreduce" else None
                 TIMER.reset()
                 t2 = time.perf_counter()
                 opt_step()
                 t3 = time.perf_counter()
                 rx1, tx1 = netdev(dev)
                 sent = payload() - before if method != "fp32_allreduce" else payload()
+                split = None if split0 is None else [b - a for a, b in zip(split0, _node_bytes(opt), strict=True)]
                 records.append(dict(warmup=i < p["warmup"], compute_s=t1 - t0, opt_s=t3 - t2, comm_s=TIMER.total,
                                     comm_calls=TIMER.calls, comm_by_op=dict(TIMER.by_op), payload_bytes=sent,
+                                    inter_node_bytes=None if split is None else split[0],
+                                    intra_node_bytes=None if split is None else split[1],
                                     wire_tx=tx1 - tx0, wire_rx=rx1 - rx0, loss=loss.item()))
                 for q in params:
                     q.grad = None
@@ -209,9 +245,19 @@ def run_dp(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
             comm_est = statistics.median(r["comm_s"] for r in records[p["warmup"]:])
             repeats = int(_agree(p["isolated_repeats"] if comm_est < 5 else 1))
             isolated = _isolated_exchange(method, opt if method != "fp32_allreduce" else None, n_params, repeats)
-            out.append(dict(model=model_name, method=method, n_params=n_params, records=records, isolated=isolated))
+            res = dict(model=model_name, method=method, n_params=n_params, records=records, isolated=isolated)
+            if method != "fp32_allreduce":
+                cs = opt.comm_stats()
+                res.update({k: cs[k] for k in ("aggregation", "intra_node_size", "num_nodes")})
+            out.append(res)
             del opt_step
     return out
+
+
+def _node_bytes(opt) -> tuple[int, int]:
+    """Cumulative (inter-node, intra-node) payload bytes this rank sent (flat D-Lion: all inter-node)."""
+    cs = opt.comm_stats()
+    return cs["inter_node_bytes_sent"], cs["intra_node_bytes_sent"]
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -339,7 +385,7 @@ def run_pp(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- entry
-SCENARIOS = {"dp": run_dp, "pp": run_pp}
+SCENARIOS = {"dp": run_dp, "hier": run_dp, "pp": run_pp}
 
 
 def main(argv=None) -> int:
@@ -363,8 +409,8 @@ def main(argv=None) -> int:
     finally:
         dist.destroy_process_group()
     with open(out_path, "w") as f:
-        json.dump(dict(rank=rank, world=world, dev=dev, wall_s=time.perf_counter() - t_start,
-                       torch=torch.__version__, results=results), f)
+        json.dump(dict(rank=rank, world=world, dev=dev, rank_hosts=spec.get("rank_hosts"),
+                       wall_s=time.perf_counter() - t_start, torch=torch.__version__, results=results), f)
     return 0
 
 
