@@ -35,7 +35,10 @@ METHODS = {
     "lion": dict(optimizer="lion", lr=4e-4, weight_decay=0.5),
     "dlion_mavo": dict(optimizer="dlion", aggregation="mavo", lr=4e-4, weight_decay=0.5),
     "dlion_avg": dict(optimizer="dlion", aggregation="avg", lr=4e-4, weight_decay=0.5),
+    # Hierarchical D-Lion (issue 12): the 4 workers as 2 nodes x 2, one voter per node. Not in the default run.
+    "dlion_mavo_hier": dict(optimizer="dlion", aggregation="mavo", intra_node_size=2, lr=4e-4, weight_decay=0.5),
 }
+DEFAULT_METHODS = ("adamw", "lion", "dlion_mavo", "dlion_avg")
 
 
 def _lr_lambda(steps: int):
@@ -73,7 +76,7 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
     spec = METHODS[name]
     cfg = GPTConfig(vocab_size=args.vocab_size, seq_length=args.seq_length)
     train, valid = gpt_datasets(args.data, args.seq_length, args.steps * args.micro_batch * world, args.valid_samples)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = GPT(cfg)
     params = list(model.parameters())
     singleton = [dist.new_group([r]) for r in range(world)]  # every rank must create every group
@@ -84,7 +87,7 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
                               process_group=singleton[rank])
     else:
         opt = DistributedLion(params, lr=spec["lr"], weight_decay=spec["weight_decay"],
-                              aggregation=spec["aggregation"])
+                              aggregation=spec["aggregation"], intra_node_size=spec.get("intra_node_size", 1))
     net = DDP(model) if spec["optimizer"] in ("adamw", "lion") else model
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(args.steps))
     losses = []
@@ -123,7 +126,8 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
 
 # Row labels of the printed table; the README's demo table is that output, pasted.
 LABELS = {"adamw": "adamw (DDP fp32 all-reduce)", "lion": "lion (global: DDP all-reduce + Lion)",
-          "dlion_mavo": "dlion_mavo (1-bit votes, majority)", "dlion_avg": "dlion_avg (1-bit votes, averaged)"}
+          "dlion_mavo": "dlion_mavo (1-bit votes, majority)", "dlion_avg": "dlion_avg (1-bit votes, averaged)",
+          "dlion_mavo_hier": "dlion_mavo_hier (2 nodes x 2, one voter per node)"}
 
 
 def markdown_table(runs: list[dict]) -> str:
@@ -199,7 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--valid-every", type=int, default=50, help="every k-th corpus file goes to validation")
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"subset of {','.join(METHODS)}")
+    ap.add_argument("--seed", type=int, default=0, help="model initialisation seed (the data order is fixed)")
     args = ap.parse_args(argv)
     names = args.methods.split(",")
     unknown = [n for n in names if n not in METHODS]

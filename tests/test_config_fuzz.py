@@ -163,12 +163,27 @@ def _known_nowhere(name: str) -> bool:
     return name.lower() not in DEEPSPEED_OPTIMIZERS and not is_torch_optimizer and name.lower() != "distributedlion"
 
 
+def _same_typed(a, b) -> bool:
+    if type(a) is not type(b) and not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same_typed(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_typed(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def _as_file(cfg, tmp_path_factory, name):
-    """The config written to a JSON file; the dict itself when it holds NaN / Infinity (not JSON: a file cannot
-    carry them, so that value is fuzzed through the dict form)."""
+    """The config written to a JSON file; the dict itself when the file cannot hold the same values: NaN / Infinity
+    (not JSON), or a float with an integral value, which hjson (DeepSpeed's reader) reads back as an int (``0.0`` ->
+    ``0``), so the file holds another config than the one whose expectation was drawn."""
     try:
         text = json.dumps(cfg, allow_nan=False)
     except ValueError:
+        return cfg
+    import hjson
+
+    if not _same_typed(hjson.loads(text), cfg):
         return cfg
     path = tmp_path_factory.mktemp("cfg") / name
     path.write_text(text)

@@ -13,14 +13,14 @@ from _dist import free_port
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run_readme_example(section_title: str, tmp_path) -> str:
-    """Run the first python block after ``section_title`` under torchrun with 2 ranks; returns stdout."""
+def _run_readme_example(section_title: str, tmp_path, nproc: int = 2) -> str:
+    """Run the first python block after ``section_title`` under torchrun with ``nproc`` ranks; returns stdout."""
     section = (ROOT / "README.md").read_text().split(section_title, 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(code)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                           "--master_port", str(free_port()), str(script)], capture_output=True, text=True,
                          timeout=400, cwd=tmp_path, env=env)
     if out.returncode != 0 and _teardown_abort_only(out):
@@ -39,7 +39,7 @@ def _teardown_abort_only(out: subprocess.CompletedProcess) -> bool:
     part of stderr before torchrun's own report) mean the example itself succeeded."""
     workers = out.stderr.split("failed (exitcode", 1)[0]
     return ("terminate called without an active exception" in workers and "Traceback" not in workers
-            and "wire bits/param/step" in out.stdout)
+            and ("wire bits/param/step" in out.stdout or "momentum elements on this rank" in out.stdout))
 
 
 @pytest.mark.slow
@@ -61,6 +61,15 @@ def test_deepspeed_example_runs(tmp_path):
     assert len(ckpt) == 2  # one momentum file per data-parallel rank
 
 
+@pytest.mark.slow
+def test_hierarchical_example_runs(tmp_path):
+    stdout = _run_readme_example("## Hierarchical D-Lion: one voter per node", tmp_path, nproc=4)
+    section = (ROOT / "README.md").read_text().split("## Hierarchical D-Lion: one voter per node", 1)[1]
+    printed = re.search(r"It prints `(\{.*?\})` and\n`(momentum elements on this rank: \d+ of \d+)`", section, re.S)
+    assert printed, "the README quotes what the example prints"
+    assert printed.group(1) in stdout and printed.group(2) in stdout, stdout
+
+
 def _demo_section() -> str:
     return (ROOT / "README.md").read_text().split("\n## The demo\n", 1)[1].split("\n## ", 1)[0]
 
@@ -77,7 +86,7 @@ def test_readme_demo_table_is_what_the_demo_prints():
         runs.append(dict(name=name.split()[0], final_val_loss=float(loss), bits_per_param_step=float(bits.split()[0]),
                          wall_s=float(wall), dp_replicas_identical=replicas == "identical"))
     assert "\n".join(table) == demo.markdown_table(runs)
-    assert [r["name"] for r in runs] == list(demo.METHODS)
+    assert [r["name"] for r in runs] == list(demo.DEFAULT_METHODS)
     assert all(r["dp_replicas_identical"] for r in runs)
     assert demo.comparison(runs) in section
     # Wire bits at the demo's N = 4 workers: 64(N-1)/N for the fp32 ring; (1+b)(N-1)/N for D-Lion, b = 1 (MaVo)

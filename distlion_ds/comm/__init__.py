@@ -9,6 +9,7 @@ from .vote_exchange import (
     group_timeout,
     host_flag,
     local_checksum,
+    raise_together,
     replica_checksum,
     run_collective,
     set_timeout_everywhere,
@@ -16,4 +17,5 @@ from .vote_exchange import (
 )
 
 __all__ = ["CollectiveError", "InFlight", "VoteExchange", "gather_fingerprints", "gather_objects", "group_timeout",
-           "host_flag", "local_checksum", "replica_checksum", "run_collective", "set_timeout_everywhere", "wait_work"]
+           "host_flag", "local_checksum", "raise_together", "replica_checksum", "run_collective",
+           "set_timeout_everywhere", "wait_work"]

@@ -135,6 +135,22 @@ def set_timeout_everywhere(timeout: datetime.timedelta) -> int:
     return count
 
 
+def raise_together(error: BaseException | None, explain) -> None:
+    """Every rank learns which ranks failed a local step (one all_reduce of N int32 over the world); then each
+    failed rank raises its own ``error`` and every other rank a ``RuntimeError(explain(failed_ranks))``.
+
+    A local failure (one rank's corrupt checkpoint file) would otherwise leave the other ranks waiting in their next
+    collective until the process-group timeout.
+    """
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32)
+    failed[dist.get_rank()] = error is not None
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.any():
+        raise RuntimeError(explain([r for r in range(len(failed)) if failed[r]]))
+
+
 def group_timeout(group=None) -> datetime.timedelta | None:
     """The process group's timeout when it is a gloo group (its p2p waits need it passed explicitly), else None."""
     if not (dist.is_available() and dist.is_initialized()):

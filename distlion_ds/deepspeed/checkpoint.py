@@ -11,6 +11,9 @@ per param group, which the zero rule depends on) and the DP/MP sizes it was save
 
 Loading with a different data-parallel size (the policy, logged as a warning):
     rank ``r`` of the new run loads the momentum saved by DP rank ``r % N_saved``.
+Hierarchical D-Lion (``intra_node_size`` > 1) is the exception: each rank holds one shard of its node's momentum, so
+another DP size, node size or local rank is refused naming both layouts (DeepSpeed first loads DP rank 0's optimizer
+state into every rank; that copy is tolerated and replaced by each rank's own file, see optim/hierarchical.py).
 Why: each saved momentum is an EMA of one worker's local gradients; with data sharded i.i.d. across workers any
 of them is a valid state for a worker, so every new rank starts from a real, warmed-up worker momentum (its
 magnitude and sign statistics intact). Resetting to zero instead would make the next ~1/(1-beta2) steps
@@ -55,6 +58,7 @@ from distlion_ds.checkpoint_io import (
     makedirs_durable,
     read_verified_text,
 )
+from distlion_ds.comm import raise_together
 
 __all__ = [
     "LATEST_FILE",
@@ -185,17 +189,9 @@ def _load_momentum_everywhere(engine: Any, optimizer: torch.optim.Optimizer, dp_
         error = None
     except Exception as e:  # re-raised below, after the other ranks are told
         error = e
-    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32)
-    failed[dist.get_rank()] = error is not None
-    dist.all_reduce(failed)
-    if error is not None:
-        raise error
-    if failed.any():
-        bad = [r for r in range(len(failed)) if failed[r]]
-        raise RuntimeError(
-            f"{tag_dir}: rank(s) {bad} could not load their DistributedLion momentum (their errors name the files); "
-            "load the previous checkpoint, or pass load_optimizer_states=False to start every rank from zero momentum"
-        )
+    raise_together(error, lambda bad: (
+        f"{tag_dir}: rank(s) {bad} could not load their DistributedLion momentum (their errors name the files); "
+        "load the previous checkpoint, or pass load_optimizer_states=False to start every rank from zero momentum"))
 
 
 LATEST_FILE = "latest"  # DeepSpeed's marker: the tag a load without ``tag=`` resumes from

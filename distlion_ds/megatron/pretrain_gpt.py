@@ -77,7 +77,7 @@ from distlion_ds.checkpoint_io import (
     makedirs_durable,
     read_verified_text,
 )
-from distlion_ds.comm import run_collective, set_timeout_everywhere
+from distlion_ds.comm import raise_together, run_collective, set_timeout_everywhere
 
 logger = logging.getLogger(__name__)
 
@@ -629,17 +629,8 @@ def load_checkpoint(args, layout, ranks, chunks, opt, sched, comm) -> tuple[int,
         error = None
     except Exception as e:  # missing, corrupt, unreadable: re-raised below, after the other ranks are told
         iteration, state, error = None, None, e
-    # Every rank learns which ranks failed, so all of them raise now instead of leaving the others waiting in the
-    # next collective until the process-group timeout.
-    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32)
-    failed[dist.get_rank()] = error is not None
-    dist.all_reduce(failed)
-    if error is not None:
-        raise error
-    if failed.any():
-        bad = [r for r in range(len(failed)) if failed[r]]
-        raise RuntimeError(f"--load {args.load}: rank(s) {bad} could not read their checkpoint files (their errors "
-                           "name the files); load the previous checkpoint or fix those files")
+    raise_together(error, lambda bad: f"--load {args.load}: rank(s) {bad} could not read their checkpoint files "
+                   "(their errors name the files); load the previous checkpoint or fix those files")
     if state["layout"] != _layout_key(args, layout):
         raise ValueError(f"--load {args.load}: saved with {state['layout']}, this run is "
                          f"{_layout_key(args, layout)}")

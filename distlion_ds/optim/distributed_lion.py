@@ -211,17 +211,7 @@ class DistributedLion(torch.optim.Optimizer):
         if self._hier is not None:
             return self._hier.build_buckets()
         old_momentum = {p: self.state[p]["exp_avg"].clone() for p in self.state if "exp_avg" in self.state[p]}
-        buckets: list[_Bucket] = []
-        open_by_device: dict[torch.device, _Bucket] = {}
-        for p, group in self._trainable():
-            self._check_param(p)
-            n = p.numel()
-            b = open_by_device.get(p.device)
-            if b is None or (b.numel and b.numel + n > self.bucket_numel):
-                b = open_by_device[p.device] = _Bucket(p.device)
-                buckets.append(b)
-            b.params.append((p, group, b.numel))
-            b.numel += -(-n // 8) * 8
+        buckets = self.plan_buckets(_Bucket)
         self.exchange.release_buffers()
         for b in buckets:
             b.numel = self.exchange.padded_numel(b.numel)
@@ -235,6 +225,26 @@ class DistributedLion(torch.optim.Optimizer):
                 self.state[p]["exp_avg"] = view
             b.runs = self._runs(b)
         self._flags = {b.device: torch.zeros(1, dtype=torch.int32, device=b.device) for b in buckets}
+        return buckets
+
+    def plan_buckets(self, make_bucket):
+        """Trainable parameters in buckets of at most ``bucket_numel`` elements per device, each parameter at an
+        8-aligned offset (``bucket.params`` of ``(param, group, offset)``, ``bucket.numel`` before padding).
+
+        Args:
+            make_bucket: the bucket class, called with the device (flat and hierarchical buckets share the layout).
+        """
+        buckets = []
+        open_by_device: dict = {}
+        for p, group in self._trainable():
+            self._check_param(p)
+            n = p.numel()
+            b = open_by_device.get(p.device)
+            if b is None or (b.numel and b.numel + n > self.bucket_numel):
+                b = open_by_device[p.device] = make_bucket(p.device)
+                buckets.append(b)
+            b.params.append((p, group, b.numel))
+            b.numel += -(-n // 8) * 8
         return buckets
 
     @staticmethod
@@ -374,11 +384,7 @@ class DistributedLion(torch.optim.Optimizer):
         for i, b in enumerate(buckets):
             flag = self._flags[b.device]
             for run in b.runs:
-                whole, g = self._run_grads(run)
-                items = [(run.flat, g, run.offset, run.groups[0])] if whole else [
-                    (p, p.grad, off, group) for p, group, off in
-                    zip(run.params, run.groups, self._offsets(run), strict=True)]
-                for p, grad, off, group in items:
+                for p, grad, off, group in self._launches(run):
                     out = b.votes[off // 8: off // 8 + -(-p.numel() // 8)]
                     lion_votes(grad, b.exp_avg[off: off + p.numel()], beta1_of[id(group)], t, out=out,
                                nonfinite=flag)
@@ -402,17 +408,22 @@ class DistributedLion(torch.optim.Optimizer):
         for b, flight in zip(buckets, flights, strict=True):
             agg = self.exchange.finish(flight)
             for run in b.runs:
-                whole, g = self._run_grads(run)
-                items = [(run.flat, g, run.offset, run.groups[0])] if whole else [
-                    (p, p.grad, off, group) for p, group, off in
-                    zip(run.params, run.groups, self._offsets(run), strict=True)]
-                for p, grad, off, group in items:
+                for p, grad, off, group in self._launches(run):
                     lo = off // 8
                     lion_apply(p, b.exp_avg[off: off + p.numel()], grad, agg[:, lo: lo + -(-p.numel() // 8)],
                                n_ranks, group["lr"], group["weight_decay"], group["betas"][1], self.aggregation,
                                **self._apply_kwargs(p, t, off))
         self._finish_step(t)
         return loss
+
+    def _launches(self, run: _Run) -> list[tuple[torch.Tensor, torch.Tensor | None, int, dict]]:
+        """``(tensor, grad, bucket offset, group)`` per kernel launch: the whole run at once when its gradients are
+        adjacent in memory too, else one per parameter (same bits either way)."""
+        whole, g = self._run_grads(run)
+        if whole:
+            return [(run.flat, g, run.offset, run.groups[0])]
+        return [(p, p.grad, off, group) for p, group, off in
+                zip(run.params, run.groups, self._offsets(run), strict=True)]
 
     @staticmethod
     def _offsets(run: _Run) -> list[int]:

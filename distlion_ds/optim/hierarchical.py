@@ -118,18 +118,7 @@ class HierarchicalEngine:
     # ------------------------------------------------------------------------------------------ layout
     def _plan(self) -> list[_HBucket]:
         """Buckets as flat D-Lion makes them (same grouping, 8-aligned offsets), padded to ``8*L*M``."""
-        opt = self.opt
-        buckets: list[_HBucket] = []
-        open_by_device: dict[torch.device, _HBucket] = {}
-        for p, group in opt._trainable():
-            opt._check_param(p)
-            n = p.numel()
-            b = open_by_device.get(p.device)
-            if b is None or (b.numel and b.numel + n > opt.bucket_numel):
-                b = open_by_device[p.device] = _HBucket(p.device)
-                buckets.append(b)
-            b.params.append((p, group, b.numel))
-            b.numel += -(-n // 8) * 8
+        buckets: list[_HBucket] = self.opt.plan_buckets(_HBucket)
         unit = 8 * self.L * self.M
         local = self.topology.local_rank
         for b in buckets:
