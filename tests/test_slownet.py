@@ -37,12 +37,13 @@ def test_smoke_two_hosts_behind_100mbit(tmp_path):
     reason = check_prerequisites()
     if reason:
         pytest.skip(f"slow-network smoke test: {reason}")
-    cmd = [sys.executable, "-m", "benchmarks.slownet.run", "--scenario", "dp", "--dp-hosts", "2", "--models", "gpt2m",
-           "--dp-methods", "fp32_allreduce,dlion_mavo", "--bandwidth", "100mbit", "--latency", "5ms",
+    cmd = [sys.executable, "-m", "benchmarks.slownet.run", "--scenario", "dp,hier", "--dp-hosts", "2",
+           "--models", "gpt2m", "--dp-methods", "fp32_allreduce,dlion_mavo", "--hier-methods",
+           "fp32_allreduce,dlion_mavo,dlion_hier", "--bandwidth", "100mbit", "--latency", "5ms",
            "--steps", "2", "--min-steps", "2", "--out", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        log, _ = proc.communicate(timeout=150)
+        log, _ = proc.communicate(timeout=200)
     finally:
         if proc.poll() is None:
             proc.terminate()  # SIGTERM: the harness tears its namespaces down
@@ -67,4 +68,22 @@ def test_smoke_two_hosts_behind_100mbit(tmp_path):
     # the fp32 exchange could not have beaten the link: >= payload / 12.5 MB/s
     assert fp32["iso_comm_s"] >= fp32["payload_bytes"] / 12.5e6
     assert mavo["comm_s"] < fp32["comm_s"] / 4
-    assert (tmp_path / "results.md").read_text().count("| 100mbit |") == 2
+    assert (tmp_path / "results.md").read_text().count("| 100mbit |") == 2 + 3
+
+    # hier: 2 hosts x 2 ranks; hierarchical D-Lion (L = 2 ranks per node, M = 2 nodes, MaVo b = 1) sends
+    # (1 + 1)(2-1)/2 / 2 = 1/2 bit per parameter per rank between the nodes (+ padding and one flag byte per
+    # bucket), and inside the node half the fp32 gradient out plus half the 1-bit aggregate: 33/16 bytes per parameter
+    hier = {r["method"]: r for r in res["hier"]}
+    h, flat = hier["dlion_hier"], hier["dlion_mavo"]
+    assert (h["intra_node_size"], h["num_nodes"]) == (2, 2) and (flat["intra_node_size"], flat["num_nodes"]) == (1, 4)
+    n = h["n_params"]
+    assert h["formula_bytes"] == pytest.approx(n / 16)
+    assert n / 16 <= h["inter_node_bytes"] <= 1.02 * n / 16
+    assert 33 / 16 * n <= h["intra_node_bytes"] <= 1.02 * 33 / 16 * n
+    # flat D-Lion over 4 voters: 2 x 3/4 bit per parameter, all counted inter-node, none intra-node
+    assert flat["intra_node_bytes"] == 0 and 3 / 16 * n <= flat["inter_node_bytes"] <= 1.02 * 3 / 16 * n
+    # on the wire (each host's veth carries what its 2 ranks send to the other host, headers included): hierarchical
+    # D-Lion >= its 1/2 bit per parameter per rank; flat D-Lion's all_to_all alone sends 2 of each rank's 3 vote
+    # shards across (1/2 bit), and its all_gather adds 3/8 bit with gloo's ring (one link crossing per host)
+    assert h["ranks_per_host"] == 2 and h["wire_tx_per_gpu"] == pytest.approx(h["wire_tx_bytes"] / 2)
+    assert n / 16 <= h["wire_tx_per_gpu"] < 0.7 * flat["wire_tx_per_gpu"]
