@@ -19,6 +19,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from _dist import spawn
 
 ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
@@ -124,6 +125,7 @@ def _second(rank, world, data, out):
             pretrain_gpt.main(args)
 
     _run(out, "resumed", data, "--load", str(ckpt), "--save", str(out / "ckpt_resumed"))
+    dist.barrier()  # rank 0 writes summary.json after the run's last collective: the other ranks wait for it
     full = json.loads((out / "full" / "summary.json").read_text())
     resumed = json.loads((out / "resumed" / "summary.json").read_text())
     assert resumed["start_iteration"] == 2 and resumed["losses"] == full["losses"][2:], (full, resumed)

@@ -57,10 +57,10 @@ def check_prerequisites() -> str | None:
     """None when this process can build the network; otherwise the reason it cannot."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, veth, tc); run it with sudo or as root"
-    for tool in ("ip", "tc", "iptables-legacy"):
+    hints = {"ip": "iproute2", "tc": "iproute2", "iptables-legacy": "iptables", "ping": "iputils-ping"}
+    for tool, package in hints.items():  # ping calibrates the latency each table reports (RTT column)
         if shutil.which(tool) is None:
-            hint = " (apt-get install iptables)" if tool.startswith("iptables") else " (apt-get install iproute2)"
-            return f"needs the '{tool}' command{hint}"
+            return f"needs the '{tool}' command (apt-get install {package})"
     if sys.platform != "linux":
         return "needs Linux network namespaces"
     return None
