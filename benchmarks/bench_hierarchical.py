@@ -22,64 +22,28 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dp import fp32_allreduce_lion, init_gloo, median_step, synthetic_params
 
 from distlion_ds import DistributedLion
 from distlion_ds.kernels import _dispatch
 from distlion_ds.kernels.lion import aggregate_bits
 
 
-def _median_step(fn, steps):
-    fn()  # warm-up: buckets, buffers, groups
-    dist.barrier()
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _worker(rank, world, port, numel, steps, provider, intra, aggregation, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    init_gloo(rank, world, port)
     _dispatch.INTERPRET = provider == "triton"
-    sizes = [numel // 8] * 7 + [numel - 7 * (numel // 8)]
-    # Replicas start identical (DistributedLion checks it); gradients differ per rank, as in data parallelism.
-    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
-              for i, s in enumerate(sizes)]
-    gen = torch.Generator().manual_seed(rank)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+    params = synthetic_params(numel, rank)
     results = {}
-    moms = [torch.zeros_like(p) for p in params]
-
-    def allreduce_fp32():
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        off = 0
-        with torch.no_grad():
-            for p, m in zip(params, moms, strict=True):
-                g = flat[off: off + p.numel()].view_as(p)
-                off += p.numel()
-                p.add_(m.mul(0.9).add_(g, alpha=0.1).sign_(), alpha=-1e-4)
-                m.mul_(0.99).add_(g, alpha=0.01)
-
     ring = 64 * (world - 1) / world
-    results["allreduce_fp32"] = (_median_step(allreduce_fp32, steps), ring, 0.0, 4 * numel)
+    results["allreduce_fp32"] = (median_step(fp32_allreduce_lion(params, world), steps), ring, 0.0, 4 * numel)
     for name, kwargs in (("dlion_flat", {}), (f"dlion_hier L={intra}", {"intra_node_size": intra})):
         opt = DistributedLion(params, lr=1e-4, aggregation=aggregation, **kwargs)
-        t = _median_step(opt.step, steps)
+        t = median_step(opt.step, steps)
         s = opt.comm_stats()
         per = 8.0 / (s["params"] * s["steps"])
         momentum = sum(v["exp_avg"].numel() * 4 for v in opt.state.values() if "exp_avg" in v)

@@ -13,43 +13,22 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import socket
-import statistics
-import time
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dp import init_gloo, median_step, synthetic_params
 
 from distlion_ds import DistributedLion
 from distlion_ds.optim.distributed_lion import DEFAULT_CHECK_REPLICAS_EVERY
 
 
-def _median(fn, steps: int) -> float:
-    fn()
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _worker(rank, world, port, numel, steps, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    sizes = [numel // 8] * 7 + [numel - 7 * (numel // 8)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
-              for i, s in enumerate(sizes)]
-    gen = torch.Generator().manual_seed(rank)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+    init_gloo(rank, world, port)
+    params = synthetic_params(numel, rank)
     opt = DistributedLion(params, lr=1e-4, check_replicas_every=0)
-    step = _median(opt.step, steps)
-    check = _median(opt.check_replicas, steps)
+    step = median_step(opt.step, steps)
+    check = median_step(opt.check_replicas, steps)
     if rank == 0:
         queue.put((step, check))
     dist.barrier()

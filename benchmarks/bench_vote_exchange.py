@@ -20,61 +20,26 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dp import fp32_allreduce_lion, init_gloo, median_step, synthetic_params
 
 from distlion_ds import DistributedLion
 from distlion_ds.kernels import _dispatch
 from distlion_ds.kernels.signs import pack_signs, unpack_signs
 
 
-def _median_step(fn, steps):
-    fn()  # warm-up: buckets, buffers
-    dist.barrier()
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _worker(rank, world, port, numel, steps, provider, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    init_gloo(rank, world, port)
     _dispatch.INTERPRET = provider == "triton"
-    sizes = [numel // 8] * 7 + [numel - 7 * (numel // 8)]
-    # Replicas start identical (DistributedLion checks it); gradients differ per rank, as in data parallelism.
-    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
-              for i, s in enumerate(sizes)]
-    gen = torch.Generator().manual_seed(rank)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+    params = synthetic_params(numel, rank)
     results = {}
-
+    results["allreduce_fp32"] = (median_step(fp32_allreduce_lion(params, world), steps), 64 * (world - 1) / world)
     moms = [torch.zeros_like(p) for p in params]
-
-    def allreduce_fp32():
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        off = 0
-        with torch.no_grad():
-            for p, m in zip(params, moms, strict=True):
-                g = flat[off: off + p.numel()].view_as(p)
-                off += p.numel()
-                p.add_(m.mul(0.9).add_(g, alpha=0.1).sign_(), alpha=-1e-4)
-                m.mul_(0.99).add_(g, alpha=0.01)
-
-    results["allreduce_fp32"] = (_median_step(allreduce_fp32, steps), 64 * (world - 1) / world)
 
     def naive_gather():
         with torch.no_grad():
@@ -86,11 +51,11 @@ def _worker(rank, world, port, numel, steps, provider, queue):
                 p.add_(total.sign().to(p.dtype).view_as(p), alpha=-1e-4)
                 m.mul_(0.99).add_(p.grad, alpha=0.01)
 
-    results["naive_gather"] = (_median_step(naive_gather, steps), float(world - 1))
+    results["naive_gather"] = (median_step(naive_gather, steps), float(world - 1))
 
     for agg in ("mavo", "avg"):
         opt = DistributedLion(params, lr=1e-4, aggregation=agg)
-        t = _median_step(opt.step, steps)
+        t = median_step(opt.step, steps)
         results[f"dlion_{agg}"] = (t, opt.comm_stats()["bits_per_param_step"])
         del opt
     if rank == 0:
