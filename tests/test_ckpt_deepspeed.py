@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _dist import spawn
+from _kill import kill_mid_write
 
 LR = 1e-2
 K = 3
@@ -84,34 +85,7 @@ def _killed(outdir, what):
 
 def _kill_mid_write(outdir, basename_suffix):
     """SIGKILL this process after the second chunk torch.save streams into the temporary of a matching file."""
-    from distlion_ds import checkpoint_io as cio
-
-    original = cio._write_temporary
-
-    def write_temporary(path, write):
-        if not path.endswith(basename_suffix):
-            return original(path, write)
-
-        class Torn:
-            def __init__(self, f):
-                self.f, self.calls = f, 0
-
-            def write(self, data):
-                self.calls += 1
-                if self.calls == 3:
-                    self.f.flush()
-                    _killed(outdir, "mid_write")
-                return self.f.write(data)
-
-            def flush(self):
-                self.f.flush()
-
-            def fileno(self):
-                return self.f.fileno()
-
-        return original(path, lambda f: write(Torn(f)))
-
-    cio._write_temporary = write_temporary
+    kill_mid_write(outdir / "killed_mid_write", basename_suffix)
 
 
 def _kill_before_rename(outdir, basename):

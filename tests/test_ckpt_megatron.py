@@ -11,16 +11,15 @@ Two 2-rank spawns (pp=2), ``pretrain_gpt.main`` in-process:
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import signal
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from _dist import spawn
+from _kill import kill_mid_write
 
 ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "0", "--log-interval", "1",
@@ -44,35 +43,11 @@ def _run(out: pathlib.Path, name: str, data: str, *extra: str) -> None:
 
 def _first(rank, world, data, out):
     _prepare(rank)
-    from distlion_ds import checkpoint_io as cio
 
     out = pathlib.Path(out)
     _run(out, "full", data, "--save", str(out / "ckpt_full"))
     if rank == 1:
-        original = cio._write_temporary
-
-        def write_temporary(path, write):
-            if not path.endswith("iter_0000004/mp_rank_00_001_dp000.pt"):
-                return original(path, write)
-
-            class Torn:
-                def __init__(self, f):
-                    self.f, self.calls = f, 0
-
-                def write(self, data):
-                    self.calls += 1
-                    if self.calls == 3:
-                        self.f.flush()
-                        (out / "killed").write_text("")
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return self.f.write(data)
-
-                def flush(self):
-                    self.f.flush()
-
-            return original(path, lambda f: write(Torn(f)))
-
-        cio._write_temporary = write_temporary
+        kill_mid_write(out / "killed", "iter_0000004/mp_rank_00_001_dp000.pt")
     _run(out, "killed", data, "--save", str(out / "ckpt"), "--save-interval", "2")
     raise AssertionError("unreachable: rank 1 is killed during the save of iteration 4")
 
