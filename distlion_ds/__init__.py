@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "DistributedLion": "distlion_ds.optim.distributed_lion",
+    "LocalStepsLion": "distlion_ds.optim.local_steps",
     "lion_update_ref": "distlion_ds.optim.lion",
     "initialize": "distlion_ds.deepspeed.engine",
 }
@@ -21,8 +22,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from distlion_ds.deepspeed.engine import initialize
     from distlion_ds.optim.distributed_lion import DistributedLion
     from distlion_ds.optim.lion import lion_update_ref
+    from distlion_ds.optim.local_steps import LocalStepsLion
 
-__all__ = ["DistributedLion", "initialize", "lion_update_ref", "__version__"]
+__all__ = ["DistributedLion", "LocalStepsLion", "initialize", "lion_update_ref", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

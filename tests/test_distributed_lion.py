@@ -105,7 +105,9 @@ def _check_skip_and_identical_grads(rank, world):
         target = (1 + b) * (world - 1) / (8 * world)
         per_param = stats["bytes_sent"] / stats["params"]
         assert abs(per_param / target - 1) < 0.02, (per_param, target)
-        assert math.isclose(stats["bits_per_param_step"], 8 * per_param)
+        assert stats["control_bytes_sent"] == world - 1  # one flag byte per peer and bucket (one bucket here)
+        assert math.isclose(stats["bits_per_param_step"],
+                            8 * (stats["bytes_sent"] - stats["control_bytes_sent"]) / stats["params"])
     # Divergence is caught by the opt-in replica check.
     opt = DistributedLion([torch.nn.Parameter(torch.ones(10))], lr=1e-3)
     opt.param_groups[0]["params"][0].data[0] += rank

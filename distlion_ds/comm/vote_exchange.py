@@ -218,6 +218,9 @@ class VoteExchange:
         self.nbits = aggregate_bits(aggregation, self.world_size)
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Of those, the non-finite flag bytes (one per shard and peer): control, not votes. Counted in bytes_sent;
+        # kept apart so that the vote wire per parameter can be reported exactly as (1 + b)(N-1)/N.
+        self.control_bytes_sent = 0
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def padded_numel(self, numel: int) -> int:
@@ -265,6 +268,7 @@ class VoteExchange:
             step=step, group=self.group)
         self.bytes_sent += (n_ranks - 1) * (shard + 1)
         self.bytes_received += (n_ranks - 1) * (shard + 1)
+        self.control_bytes_sent += n_ranks - 1
         return flight
 
     def _wait(self, flight: InFlight, attr: str, what: str) -> None:

@@ -456,8 +456,11 @@ class DistributedLion(torch.optim.Optimizer):
         Returns:
             ``{"steps", "params", "bytes_sent", "bytes_received", "skipped_steps", "world_size",
             "aggregation", "bits_per_param_step", "intra_node_size", "num_nodes", "inter_node_bytes_sent",
-            "intra_node_bytes_sent"}``; bytes are payload bytes this rank hands to / receives from
-            other ranks in collectives (the vote exchange; the small agreement checks are not counted);
+            "intra_node_bytes_sent", "control_bytes_sent"}``; bytes are payload bytes this rank hands to / receives
+            from other ranks in collectives (the vote exchange; the small agreement checks are not counted);
+            ``control_bytes_sent`` are the non-finite flag bytes that ride with the votes between nodes (one per
+            peer and bucket, included in ``bytes_sent``); ``bits_per_param_step`` is the rest, the vote wire, per
+            parameter and step (``(1 + b)(N-1)/N`` for flat D-Lion on buckets a multiple of ``8N`` long);
             ``bytes_sent`` is the total, split into ``inter_node_bytes_sent`` (votes between nodes) and
             ``intra_node_bytes_sent`` (fp32 gradients and aggregate bits inside a node; 0 for flat D-Lion, where
             every rank is its own node); ``params`` counts trainable parameters' elements; ``steps`` counts
@@ -475,7 +478,8 @@ class DistributedLion(torch.optim.Optimizer):
         }
         if self._hier is not None:
             stats.update(self._hier.comm_stats())
-        sent = stats["bytes_sent"]
+        control = self.exchange.control_bytes_sent
+        sent = stats["bytes_sent"] - control
         return {
             "steps": steps,
             "params": n_params,
@@ -483,6 +487,7 @@ class DistributedLion(torch.optim.Optimizer):
             "world_size": self.exchange.world_size,
             "aggregation": self.aggregation,
             "bits_per_param_step": 8.0 * sent / (n_params * steps) if n_params and steps else 0.0,
+            "control_bytes_sent": control,
             **stats,
         }
 
