@@ -22,8 +22,15 @@ with warnings.catch_warnings():
     from .communicator import CompressedP2PCommunicator, compression_state, set_sample_ids
     from .cpu import disable_cpu, enable_cpu
     from .install import install, is_installed, uninstall
+    from .optimizer import (
+        DistributedLionOptimizer,
+        check_checkpoint_data_parallel_size,
+        ddp_config_for_dlion,
+        get_optimizer,
+    )
 
 __all__ = [
     "CompressedP2PCommunicator", "CompressionConfig", "compression_state", "set_sample_ids",
     "enable_cpu", "disable_cpu", "install", "uninstall", "is_installed",
+    "DistributedLionOptimizer", "get_optimizer", "ddp_config_for_dlion", "check_checkpoint_data_parallel_size",
 ]
