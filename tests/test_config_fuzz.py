@@ -49,7 +49,7 @@ def unknown_key(allowed):
 
 # ----------------------------------------------------------------------------------------------- DeepSpeed
 PARAM_KEYS = {"lr", "betas", "weight_decay", "aggregation", "raise_on_nonfinite", "check_replicas_every",
-              "bucket_numel", "rounding_seed"}
+              "bucket_numel", "rounding_seed", "intra_node_size", "local_steps", "inner_optimizer"}
 beta = st.one_of(st.floats(min_value=0.0, max_value=0.999999, allow_nan=False), st.just(0))
 PARAMS_VALID = {
     "lr": positive_number(),

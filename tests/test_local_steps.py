@@ -291,3 +291,19 @@ def test_load_state_dict_checks_local_steps():
         b.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="not a LocalStepsLion state dict"):
         b.load_state_dict(torch.optim.SGD([p], lr=0.1).state_dict())
+
+
+def test_schedulers_drive_the_inner_lr_also_after_loading():
+    p = torch.nn.Parameter(torch.zeros(8))
+    inner = torch.optim.AdamW([p], lr=0.1)
+    opt = LocalStepsLion([p], inner, 2, lr=0.01)
+    state = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(state)  # torch's load_state_dict replaces the inner optimizer's param_groups list
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for _ in range(3):
+        p.grad = torch.ones(8)
+        opt.step()
+        sched.step()
+    assert inner.param_groups[0]["lr"] == 0.1 * 0.5 ** 3
+    assert opt.outer.param_groups[0]["lr"] == 0.01

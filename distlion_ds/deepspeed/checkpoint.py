@@ -59,6 +59,7 @@ from distlion_ds.checkpoint_io import (
     read_verified_text,
 )
 from distlion_ds.comm import raise_together
+from distlion_ds.optim.local_steps import LocalStepsLion
 
 __all__ = [
     "LATEST_FILE",
@@ -110,6 +111,10 @@ def save_momentum(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, 
         "mp_rank": mp_rank,
         "mp_world_size": mp_size,
     }
+    if isinstance(optimizer, LocalStepsLion):
+        # Mid-round, each rank's weights are its own (local steps since theta_out), but DeepSpeed saves the module
+        # of DP rank 0 only: keep this rank's weights with its inner state, or a resume would train rank 0's.
+        payload["local_parameters"] = [p.detach().clone() for p in optimizer.local_parameters()]
     atomic_save(payload, path)
     return path
 
@@ -175,6 +180,8 @@ def load_momentum(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, 
             saved_size,
         )
     optimizer.load_state_dict(payload["optimizer"])
+    if isinstance(optimizer, LocalStepsLion):
+        optimizer.set_local_parameters(payload["local_parameters"])
     return source
 
 

@@ -47,6 +47,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from distlion_ds.compress.config import CompressionConfig
@@ -121,6 +122,17 @@ class DistributedLionParams(BaseModel):
     the momentum of its 1/L shard only, and only the nodes vote (1 bit per parameter between nodes); L must divide
     the data-parallel size."""
 
+    local_steps: Annotated[StrictInt, Field(ge=1)] = 1
+    """H, inner steps per outer step (issue 13). 1 with no ``inner_optimizer``: per-step D-Lion. With an
+    ``inner_optimizer``: local-step D-Lion (:class:`distlion_ds.LocalStepsLion`): every rank runs H steps of its own
+    inner optimizer, then one 1-bit D-Lion outer step on the pseudo-gradient with ``lr``, ``betas``,
+    ``weight_decay`` and ``aggregation`` above; DeepSpeed's scheduler then drives the inner learning rate."""
+
+    inner_optimizer: dict[str, Any] | None = None
+    """``{"type": "AdamW" | "Adam" | "SGD" | "Lion", "params": {...}}``: the inner optimizer of local-step D-Lion
+    (its keyword arguments; torch.optim's for AdamW / Adam / SGD, :class:`distlion_ds.optim.Lion`'s for Lion).
+    Required when ``local_steps`` > 1."""
+
     @field_validator("betas")
     @classmethod
     def _betas_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
@@ -128,6 +140,72 @@ class DistributedLionParams(BaseModel):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {beta}")
         return value
+
+    @field_validator("inner_optimizer")
+    @classmethod
+    def _inner_optimizer_known(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_inner_optimizer(value)
+        return value
+
+    @model_validator(mode="after")
+    def _local_steps_need_an_inner_optimizer(self) -> DistributedLionParams:
+        if self.local_steps > 1 and self.inner_optimizer is None:
+            raise ValueError(
+                f"local_steps={self.local_steps} needs optimizer.params.inner_optimizer (the optimizer each rank "
+                'runs between outer steps), e.g. {"type": "AdamW", "params": {"lr": 0.001}}')
+        return self
+
+
+# Inner optimizers of local-step D-Lion, by lower-cased config name: (module, class).
+INNER_OPTIMIZERS = {"adamw": ("torch.optim", "AdamW"), "adam": ("torch.optim", "Adam"),
+                    "sgd": ("torch.optim", "SGD"), "lion": ("distlion_ds.optim.lion", "Lion")}
+
+
+def inner_optimizer_class(name: str) -> type:
+    """The class of an ``inner_optimizer.type`` (case-insensitive); ValueError listing the allowed names."""
+    import importlib
+
+    if not isinstance(name, str) or name.lower() not in INNER_OPTIMIZERS:
+        allowed = ", ".join(cls for _, cls in INNER_OPTIMIZERS.values())
+        raise ValueError(f"type: {_describe(name)} is not an inner optimizer (allowed: {allowed})")
+    module, cls = INNER_OPTIMIZERS[name.lower()]
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_inner_optimizer(section: Any) -> None:
+    """Validate an ``inner_optimizer`` section: keys, type, and its params by building it on a dummy parameter.
+
+    Raises:
+        ValueError: naming the key inside the section (``type``, ``params.<key>``), the value and what is allowed.
+    """
+    import inspect
+
+    import torch
+
+    if not isinstance(section, dict):
+        raise ValueError(f"must be a JSON object with keys type, params; got {_describe(section)}")
+    unknown = sorted(set(section) - {"type", "params"})
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown key (allowed keys: type, params)")
+    if "type" not in section:
+        raise ValueError("type: missing (allowed: AdamW, Adam, SGD, Lion)")
+    cls = inner_optimizer_class(section["type"])
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise ValueError(f"params: must be a JSON object, got {_describe(params)}")
+    allowed = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params")]
+    for key, value in params.items():
+        if key not in allowed:
+            raise ValueError(f"params.{key}: unknown key for {cls.__name__} "
+                             f"(allowed keys: {', '.join(allowed)})")
+        if isinstance(value, bool) and key not in ("amsgrad", "nesterov", "maximize", "foreach", "capturable",
+                                                   "differentiable", "fused", "decoupled_weight_decay"):
+            raise ValueError(f"params.{key}: {_describe(value)} is not a number")
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], **params)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"params: {cls.__name__}({_describe(params)}) refused it: {e}") from None
 
 
 class DistlionSection(BaseModel):
@@ -409,6 +487,15 @@ def _parse(raw: dict[str, Any], pipeline: bool) -> DistLionDeepSpeedPlan | None:
             "the local gradients only, so ranks would disagree on skipping. Use the fp16 section (dynamic loss "
             "scaling agrees on overflow across ranks) or torch_autocast with bfloat16."
         )
+
+    if optimizer.inner_optimizer is not None:
+        for key in ("fp16", "bf16", "bfloat16"):
+            if _enabled(raw, key):
+                raise ValueError(
+                    f"{key}.enabled cannot be used with local-step D-Lion (optimizer.params.inner_optimizer): "
+                    "DeepSpeed's mixed-precision wrappers swap the optimizer's parameters for fp32 master copies "
+                    "that the outer step does not own. Keep fp32 parameters and use torch_autocast with bfloat16 "
+                    "for bf16 compute.")
 
     ds_config = {k: v for k, v in raw.items() if k not in ("optimizer", DISTLION_SECTION)}
     ds_config["gradient_clipping"] = 0.0

@@ -58,13 +58,18 @@ from distlion_ds.deepspeed.config import (
     DISTLION_SECTION,
     DistLionDeepSpeedPlan,
     DistlionSection,
+    inner_optimizer_class,
     load_deepspeed_config,
     parse_deepspeed_config,
     split_distlion_section,
 )
 from distlion_ds.optim.distributed_lion import DistributedLion
+from distlion_ds.optim.local_steps import LocalStepsLion
 
-__all__ = ["DeepSpeedDistributedLion", "clip_local_grad_norm_", "get_distributed_lion", "initialize"]
+__all__ = [
+    "DeepSpeedDistributedLion", "DeepSpeedLocalStepsLion", "clip_local_grad_norm_", "get_distributed_lion",
+    "initialize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -117,22 +122,19 @@ def clip_local_grad_norm_(
     return norm
 
 
-class DeepSpeedDistributedLion(DistributedLion):
-    """DistributedLion as handed to DeepSpeed: local gradient clipping, DeepSpeed's skip protocol.
+class _DeepSpeedStepPolicy:
+    """What both D-Lion optimizers do inside a DeepSpeed engine (mixed into the optimizer class).
 
-    Identical to :class:`~distlion_ds.optim.distributed_lion.DistributedLion` (same state, same
-    ``state_dict``) plus:
-
-    - ``max_grad_norm``: :func:`clip_local_grad_norm_` before every step (0 disables);
-    - ``overflow``: whether the last ``step()`` was skipped for non-finite gradients (read by DeepSpeed's engine);
+    - ``max_grad_norm``: :func:`clip_local_grad_norm_` before every ``step()`` (0 disables);
+    - ``overflow``: whether the last ``step()`` skipped its D-Lion step for non-finite gradients (read by DeepSpeed's
+      engine, which then does not advance its LR scheduler);
     - while :func:`initialize` runs ``deepspeed.initialize``, ``step()`` does nothing: DeepSpeed's
       ``FP16_UnfusedOptimizer`` (fp16, and bf16 without ZeRO) calls ``step()`` once at construction with zero
       gradients to materialise Adam-style state. For D-Lion that would be a real update: every ``c == 0``, so
       the zero rule (DESIGN 3.1) moves each weight by ``±lr`` and advances the step counter.
     """
 
-    def __init__(self, params: Any, *, max_grad_norm: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
+    def _init_policy(self, max_grad_norm: float) -> None:
         if not max_grad_norm >= 0.0:
             raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm}")
         self.max_grad_norm = float(max_grad_norm)
@@ -148,9 +150,9 @@ class DeepSpeedDistributedLion(DistributedLion):
         self._norm_group = norm_group
         self._inside_deepspeed_initialize = False
 
-    def step(self, closure: Any = None) -> Any:
+    def _policy_step(self, step: Any, closure: Any) -> Any:
         if self._inside_deepspeed_initialize:
-            logger.debug("DeepSpeedDistributedLion: step() during deepspeed.initialize ignored (no D-Lion step)")
+            logger.debug("%s: step() during deepspeed.initialize ignored (no D-Lion step)", type(self).__name__)
             return None
         if self.max_grad_norm > 0.0:
             params = [p for group in self.param_groups for p in group["params"]]
@@ -159,15 +161,46 @@ class DeepSpeedDistributedLion(DistributedLion):
             )
             self.last_local_grad_norm = self._global_grad_norm = norm
         skipped_before = self.comm_stats()["skipped_steps"]
-        loss = super().step(closure)
+        loss = step(closure)
         self.overflow = self.comm_stats()["skipped_steps"] != skipped_before
         return loss
 
 
-def get_distributed_lion(engine: Any) -> DistributedLion:
-    """The DistributedLion inside an engine from :func:`initialize` (under DeepSpeed's fp16/bf16 wrapper, if any)."""
+class DeepSpeedDistributedLion(_DeepSpeedStepPolicy, DistributedLion):
+    """DistributedLion as handed to DeepSpeed: local gradient clipping, DeepSpeed's skip protocol
+    (:class:`_DeepSpeedStepPolicy`). Same state and ``state_dict`` as
+    :class:`~distlion_ds.optim.distributed_lion.DistributedLion`."""
+
+    def __init__(self, params: Any, *, max_grad_norm: float = 0.0, **kwargs: Any) -> None:
+        DistributedLion.__init__(self, params, **kwargs)
+        self._init_policy(max_grad_norm)
+
+    def step(self, closure: Any = None) -> Any:
+        return self._policy_step(super().step, closure)
+
+
+class DeepSpeedLocalStepsLion(_DeepSpeedStepPolicy, LocalStepsLion):
+    """Local-step D-Lion as handed to DeepSpeed (``optimizer.params.inner_optimizer``): the inner optimizer is built
+    here from the config on the same parameters; each rank clips its local gradient before its inner step, and a
+    skipped outer round is reported as an overflow (:class:`_DeepSpeedStepPolicy`)."""
+
+    def __init__(self, params: Any, *, inner_optimizer: dict[str, Any], local_steps: int,
+                 max_grad_norm: float = 0.0, **kwargs: Any) -> None:
+        params = list(params)
+        inner_cls = inner_optimizer_class(inner_optimizer["type"])
+        inner = inner_cls(params, **inner_optimizer.get("params", {}))
+        LocalStepsLion.__init__(self, params, inner, local_steps, **kwargs)
+        self._init_policy(max_grad_norm)
+
+    def step(self, closure: Any = None) -> Any:
+        return self._policy_step(super().step, closure)
+
+
+def get_distributed_lion(engine: Any) -> DistributedLion | LocalStepsLion:
+    """The DistributedLion (or LocalStepsLion) inside an engine from :func:`initialize` (under DeepSpeed's fp16/bf16
+    wrapper, if any)."""
     for candidate in (getattr(engine, "basic_optimizer", None), getattr(engine, "optimizer", None)):
-        if isinstance(candidate, DistributedLion):
+        if isinstance(candidate, DistributedLion | LocalStepsLion):
             return candidate
     raise ValueError("this engine does not step a DistributedLion (was it built by distlion_ds.initialize?)")
 
@@ -367,14 +400,18 @@ def _initialize(
 def _initialize_distributed_lion(
     plan: DistLionDeepSpeedPlan, *, args: Any, args_attr: str | None, model: Any, mpu: Any, **ds_kwargs: Any
 ) -> tuple[Any, Any, Any, Any]:
-    built: list[tuple[DeepSpeedDistributedLion, Any]] = []
+    built: list[tuple[DeepSpeedDistributedLion | DeepSpeedLocalStepsLion, Any]] = []
 
-    def make_optimizer(params: Any) -> DeepSpeedDistributedLion:
+    def make_optimizer(params: Any) -> DeepSpeedDistributedLion | DeepSpeedLocalStepsLion:
         group = _data_parallel_group(model, mpu)
-        opt = DeepSpeedDistributedLion(
-            params, max_grad_norm=plan.gradient_clipping, process_group=group,
-            **plan.optimizer.model_dump(exclude_none=True),
-        )
+        kwargs = plan.optimizer.model_dump(exclude_none=True)
+        local_steps = kwargs.pop("local_steps")
+        if "inner_optimizer" in kwargs:
+            opt = DeepSpeedLocalStepsLion(params, local_steps=local_steps, max_grad_norm=plan.gradient_clipping,
+                                          process_group=group, **kwargs)
+        else:
+            opt = DeepSpeedDistributedLion(params, max_grad_norm=plan.gradient_clipping, process_group=group,
+                                           **kwargs)
         opt._inside_deepspeed_initialize = True  # until _configure_for_engine below
         built.append((opt, group))
         return opt

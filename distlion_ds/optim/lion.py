@@ -61,3 +61,42 @@ def lion_update_ref(param: torch.Tensor, grad: torch.Tensor | None, exp_avg: tor
     """Single-worker Lion with the zero rule (D-Lion at N = 1): returns ``(new_param, new_exp_avg)``."""
     new_p, (new_m,) = dlion_update_ref(param, [grad], [exp_avg], lr, betas, weight_decay, step)
     return new_p, new_m
+
+
+class Lion(torch.optim.Optimizer):
+    """Single-process Lion with the zero rule (D-Lion at N = 1): the local inner optimizer of local-step D-Lion.
+
+    Args:
+        params: parameters or param groups. lr: step size (> 0). betas: ``(beta1, beta2)`` in [0, 1).
+        weight_decay: decoupled weight decay (>= 0).
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+        if isinstance(lr, bool) or not lr > 0.0:
+            raise ValueError(f"Invalid lr: {lr} (must be > 0)")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Invalid betas: {betas} (two values in [0, 1))")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["step"] += 1
+                new_p, new_m = lion_update_ref(p, p.grad, state["exp_avg"], group["lr"], group["betas"],
+                                               group["weight_decay"], state["step"])
+                p.copy_(new_p)
+                state["exp_avg"].copy_(new_m.view_as(state["exp_avg"]))
+        return loss

@@ -116,11 +116,39 @@ class LocalStepsLion(torch.optim.Optimizer):
         # (flat: a hierarchical outer step would create its node groups twice)
         _OuterLion([torch.zeros(8, requires_grad=True)], local_steps=local_steps,
                    **{**self._outer_args, "intra_node_size": 1, "node_groups": None})
-        # torch.optim.Optimizer bookkeeping (hooks, LR-scheduler patching); the groups are the inner optimizer's.
+        # torch.optim.Optimizer bookkeeping (hooks, LR-scheduler patching); from then on param_groups and state are
+        # the inner optimizer's (properties below).
         super().__init__(inner_params, {})
-        self.param_groups = inner.param_groups
         self.defaults = inner.defaults
-        self.state = inner.state
+        self._delegating = True
+
+    # param_groups / state are read through to the inner optimizer, which replaces its lists in load_state_dict
+    # (an attribute copied once would go stale, and a scheduler would then drive a list nobody reads).
+    @property
+    def param_groups(self) -> list[dict]:
+        if self.__dict__.get("_delegating"):
+            return self.inner.param_groups
+        return self.__dict__["_base_param_groups"]
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        if self.__dict__.get("_delegating"):
+            self.inner.param_groups = value
+        else:
+            self.__dict__["_base_param_groups"] = value
+
+    @property
+    def state(self):
+        if self.__dict__.get("_delegating"):
+            return self.inner.state
+        return self.__dict__["_base_state"]
+
+    @state.setter
+    def state(self, value) -> None:
+        if self.__dict__.get("_delegating"):
+            self.inner.state = value
+        else:
+            self.__dict__["_base_state"] = value
 
     # ------------------------------------------------------------------------------------------ outer set-up
     def _build_outer(self) -> None:
@@ -220,6 +248,21 @@ class LocalStepsLion(torch.optim.Optimizer):
         return stats
 
     # ------------------------------------------------------------------------------------------ state
+    def local_parameters(self) -> list[torch.Tensor]:
+        """The trainable parameters, in order: mid-round each rank's are its own (an engine that saves the
+        weights of one rank only must save these per rank)."""
+        return [p for g in self._groups for p in g["params"] if p.requires_grad]
+
+    @torch.no_grad()
+    def set_local_parameters(self, values: list[torch.Tensor]) -> None:
+        """Copy ``values`` (as :meth:`local_parameters` returned them) into the parameters."""
+        params = self.local_parameters()
+        if len(values) != len(params) or any(v.shape != p.shape for v, p in zip(values, params, strict=False)):
+            raise ValueError(f"LocalStepsLion: {len(values)} saved parameters do not match the model's "
+                             f"{len(params)} (shapes and order must be those it was saved with)")
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+
     def state_dict(self) -> dict:
         """Inner state, outer state (momentum, round counter), ``theta_out`` and the position inside the round."""
         if self.outer is None:
