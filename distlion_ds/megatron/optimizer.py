@@ -529,6 +529,23 @@ class DistributedLionOptimizer(MegatronOptimizer):
                                f"parameter checksums per DP rank {sums}; something outside the optimizer modified "
                                "a replica")
 
+    def get_momentum(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """This rank's fp32 momentum of a model parameter (a view of the bucket's momentum buffer)."""
+        for b in self._buckets:
+            for p, off, _ in b.params:
+                if p is param:
+                    return b.exp_avg[off: off + p.numel()].view(p.shape)
+        raise KeyError(f"get_momentum: a parameter of shape {tuple(param.shape)} that this optimizer does not hold")
+
+    def get_main_param(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The fp32 main parameter of a 16-bit model parameter (the parameter itself when it is fp32)."""
+        return self._main_of.get(id(param), param)
+
+    @property
+    def step_count(self) -> int:
+        """Applied steps so far (the ``t`` of the last applied step)."""
+        return self._step
+
     # ------------------------------------------------------------------------------------------ megatron API
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop ``.grad`` of the model parameters (DDP gradients live in its buffers: ``zero_grad_buffer``)."""
