@@ -70,6 +70,14 @@ def test_hierarchical_example_runs(tmp_path):
     assert printed.group(1) in stdout and printed.group(2) in stdout, stdout
 
 
+def test_local_steps_example_runs(tmp_path):
+    stdout = _run_readme_example("## Local steps: D-Lion as a 1-bit outer optimizer", tmp_path, nproc=2)
+    section = (ROOT / "README.md").read_text().split("## Local steps: D-Lion as a 1-bit outer optimizer", 1)[1]
+    printed = re.search(r"It prints `(\{.*?\})`", section, re.S)
+    assert printed, "the README quotes what the example prints"
+    assert printed.group(1) in stdout, stdout
+
+
 def _demo_section() -> str:
     return (ROOT / "README.md").read_text().split("\n## The demo\n", 1)[1].split("\n## ", 1)[0]
 
