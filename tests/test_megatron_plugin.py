@@ -55,6 +55,7 @@ MEGATRON_LM_CONTRACT = {
 }
 # megatron-core names the plugin wraps (Megatron-LM imports them into megatron.training.training).
 MEGATRON_CORE_CONTRACT = {
+    "DDP": "config, ddp_config, module, disable_bucketing=False, pg_collection=None",
     "get_megatron_optimizer": "config, model_chunks, config_overrides=None, use_gloo_process_groups=True, "
                               "pg_collection=None, dump_param_to_param_group_map=None",
     "finalize_model_grads": "model, num_tokens=None, pg_collection=None, force_all_reduce=False",
@@ -165,10 +166,16 @@ def get_model(model_provider_func, model_type=ModelType.encoder_or_decoder, wrap
     args = get_args()
     model = [model_provider_func(pre_process=mpu.is_pipeline_first_stage(), post_process=mpu.is_pipeline_last_stage())]
     if wrap_with_ddp:
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                   overlap_grad_reduce=args.overlap_grad_reduce,
-                                                   use_distributed_optimizer=args.use_distributed_optimizer)
-        model = [DDP(config=get_model_config(m), ddp_config=ddp_config, module=m) for m in model]
+        DP = DDP  # the module global, looked up at call time (Megatron-LM picks FSDP classes here too)
+        config = get_model_config(model[0])
+        kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistributedDataParallelConfig)
+                  if hasattr(args, f.name)}
+        kwargs["grad_reduce_in_fp32"] = True
+        ddp_config = DistributedDataParallelConfig(**kwargs)
+        if not ddp_config.overlap_grad_reduce:
+            ddp_config.bucket_size = None
+        model = [DP(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=(i > 0))
+                 for i, chunk in enumerate(model)]
     return model
 
 def get_megatron_optimizer_config(args):
@@ -407,6 +414,9 @@ def test_pinned_signatures(fake_lm):
         mod, name = dotted.split(".")
         assert _params(getattr(sys.modules[f"megatron.training.{mod}"], name)) == want, dotted
     # the names the plugin rebinds are megatron-core's, imported into megatron.training.training
+    from megatron.core.distributed import DistributedDataParallel
+
+    assert fake_lm.DDP is DistributedDataParallel
     assert fake_lm.get_megatron_optimizer is get_megatron_optimizer
     assert fake_lm.finalize_model_grads is finalize_model_grads
     assert fake_lm.get_forward_backward_func is get_forward_backward_func
@@ -418,6 +428,8 @@ def test_pinned_signatures(fake_lm):
     assert _params(fake_lm.finalize_model_grads) == MEGATRON_CORE_CONTRACT["finalize_model_grads"]
     assert _params(fake_lm.get_megatron_optimizer) == "config, model_chunks, *args, **kwargs"
     assert _params(fake_lm.get_forward_backward_func) == "*args, **kwargs"
+    assert _params(fake_lm.DDP) == "config, ddp_config, module, *args, **kwargs"
+    assert issubclass(fake_lm.DDP, DistributedDataParallel)  # train()'s isinstance(model[0], DDP) still holds
 
 
 def test_real_megatron_lm_matches_contract_when_present():
@@ -438,7 +450,7 @@ def test_real_megatron_lm_matches_contract_when_present():
 def test_install_idempotent_logged_once_and_uninstall(fake_lm, caplog):
     from distlion_ds.megatron import plugin
 
-    originals = {n: getattr(fake_lm, n) for n in ("get_megatron_optimizer", "finalize_model_grads",
+    originals = {n: getattr(fake_lm, n) for n in ("DDP", "get_megatron_optimizer", "finalize_model_grads",
                                                    "get_forward_backward_func")}
     assert not plugin.is_megatron_lm_installed()
     with caplog.at_level(logging.INFO, logger="distlion_ds.megatron.plugin"):
@@ -566,8 +578,17 @@ def _dispatch_worker(rank: int, world: int) -> None:
         return get_megatron_optimizer(dataclasses.replace(config, adam_beta1=0.9, adam_beta2=0.999), model_chunks)
 
     real_module = sys.modules.get("distlion_ds.megatron.optimizer")
+    ddp_calls = []
+
+    def recording_ddp_config_for_dlion(**overrides):
+        from megatron.core.distributed import DistributedDataParallelConfig
+
+        ddp_calls.append(overrides)
+        return DistributedDataParallelConfig(**overrides)  # unchanged: megatron's Adam runs on it below
+
     stand_in = types.ModuleType("distlion_ds.megatron.optimizer")
     stand_in.get_optimizer = recording_get_optimizer
+    stand_in.ddp_config_for_dlion = recording_ddp_config_for_dlion
     sys.modules["distlion_ds.megatron.optimizer"] = stand_in
     import distlion_ds.megatron as dlm
 
@@ -593,6 +614,10 @@ def _dispatch_worker(rank: int, world: int) -> None:
     assert (config.adam_beta1, config.adam_beta2) == (0.95, 0.98)  # Lion's betas, not --adam-beta1/2
     assert overrides is not None and kwargs == {}  # config_overrides forwarded (named); no local_steps at H = 1
     assert chunks is last["model"]
+    # get_model's DDP got D-Lion's DDP config from Megatron-LM's, every field but the two D-Lion sets kept
+    assert len(ddp_calls) == 1
+    assert "use_distributed_optimizer" not in ddp_calls[0] and "overlap_param_gather" not in ddp_calls[0]
+    assert ddp_calls[0]["grad_reduce_in_fp32"] is True and ddp_calls[0]["bucket_size"] is None
 
     # --dlion-local-steps > 1 with an optimizer factory that has no local_steps: refused naming the flag
     sys.modules["distlion_ds.megatron.optimizer"] = stand_in
@@ -617,6 +642,8 @@ def _dispatch_worker(rank: int, world: int) -> None:
         last = _pretrain(training, _argv("--distlion"))
         assert isinstance(last["optimizer"], DistributedLionOptimizer)
         assert isinstance(last["optimizer"], MegatronOptimizer)
+        assert all(c.ddp_config.use_distributed_optimizer and not c.ddp_config.overlap_param_gather
+                   for c in last["model"])
         assert all(ok for _, ok in last["losses"])
     plugin.uninstall_megatron_lm()
 
@@ -626,43 +653,54 @@ def test_distlion_dispatch_through_setup_model_and_optimizer():
 
 
 def _pp2_worker(rank: int, world: int, p2p_path: str) -> None:
-    """pp=2 through the fake pretrain with --p2p-compression and --tied-embedding-compression (megatron-core's Adam)."""
+    """pp=2 through the fake pretrain with --p2p-compression and --tied-embedding-compression: with megatron-core's
+    Adam, then with --distlion (when this checkout has distlion_ds.megatron.optimizer)."""
     torch.set_num_threads(1)
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import schedules
 
     from distlion_ds.megatron import CompressedP2PCommunicator, enable_cpu, plugin
 
+    try:
+        from distlion_ds.megatron.optimizer import DistributedLionOptimizer
+    except ImportError:
+        DistributedLionOptimizer = None
     enable_cpu()
     training = install_fake_megatron_lm()
-    assert plugin.install_megatron_lm()
     tied = '{"method": "quantize", "bits": 8, "block_size": 256, "feedback": "ef"}'
     iters = 3
-    last = _pretrain(training, _argv("--pipeline-model-parallel-size", "2", "--p2p-compression", p2p_path,
-                                     "--tied-embedding-compression", tied))
-    assert len(last["losses"]) == iters and all(ok for _, ok in last["losses"])
-    if ps.is_pipeline_last_stage():
-        assert all(math.isfinite(float(r["lm loss"])) for losses, _ in last["losses"] for r in losses)
-    # the schedules built our communicator (Megatron-LM's train_step passes none)
-    assert issubclass(schedules.P2PCommunicator, CompressedP2PCommunicator)
-    stats = plugin.plugin_comm_stats()
-    sent = "activations" if ps.is_pipeline_first_stage() else "gradients"
-    assert stats["p2p"][sent]["bytes_sent"] > 0
-    assert stats["p2p"][sent]["bytes_sent"] < 4 * stats["p2p"][sent]["elements_sent"]  # compressed below fp32
-    # the tied channel: one payload per iteration each way, 8-bit codes + one fp32 scale per 256 elements
-    numel = VOCAB * HIDDEN
-    payload = numel + 4 * math.ceil(numel / 256)
-    te = stats["tied_embedding"]["word_embeddings"]
-    assert te == {"bytes_sent": iters * payload, "bytes_received": iters * payload, "elements_sent": iters * numel,
-                  "transfers": iters, "fp32_allreduce_bytes": iters * numel * 4}, te
-    assert plugin.tied_embedding_state().residuals["word_embeddings"].abs().max() > 0
-    # the two copies of the tied embedding are identical after training with Adam on the compressed sum
-    weight = last["model"][0].module.shared_embedding_or_output_weight().detach()
-    copies = [torch.empty_like(weight) for _ in range(2)]
-    torch.distributed.all_gather(copies, weight.contiguous(), group=ps.get_embedding_group())
-    assert torch.equal(copies[0], copies[1])
-    plugin.uninstall_megatron_lm()
-    assert not issubclass(schedules.P2PCommunicator, CompressedP2PCommunicator)
+    variants = [()] + ([("--distlion",)] if DistributedLionOptimizer is not None else [])
+    for extra in variants:
+        assert plugin.install_megatron_lm()
+        last = _pretrain(training, _argv("--pipeline-model-parallel-size", "2", "--p2p-compression", p2p_path,
+                                         "--tied-embedding-compression", tied, *extra))
+        assert len(last["losses"]) == iters and all(ok for _, ok in last["losses"]), extra
+        if extra:
+            assert isinstance(last["optimizer"], DistributedLionOptimizer)
+        if ps.is_pipeline_last_stage():
+            assert all(math.isfinite(float(r["lm loss"])) for losses, _ in last["losses"] for r in losses)
+        # the schedules built our communicator (Megatron-LM's train_step passes none)
+        assert issubclass(schedules.P2PCommunicator, CompressedP2PCommunicator)
+        stats = plugin.plugin_comm_stats()
+        sent = "activations" if ps.is_pipeline_first_stage() else "gradients"
+        assert stats["p2p"][sent]["bytes_sent"] > 0
+        assert stats["p2p"][sent]["bytes_sent"] < 4 * stats["p2p"][sent]["elements_sent"]  # below fp32
+        # the tied channel: one payload per iteration each way, 8-bit codes + one fp32 scale per 256 elements
+        numel = VOCAB * HIDDEN
+        payload = numel + 4 * math.ceil(numel / 256)
+        te = stats["tied_embedding"]["word_embeddings"]
+        assert te == {"bytes_sent": iters * payload, "bytes_received": iters * payload,
+                      "elements_sent": iters * numel, "transfers": iters,
+                      "fp32_allreduce_bytes": iters * numel * 4}, (extra, te)
+        assert plugin.tied_embedding_state().residuals["word_embeddings"].abs().max() > 0
+        # the two copies of the tied embedding are identical after training on the compressed sum
+        weight = last["model"][0].module.shared_embedding_or_output_weight().detach()
+        copies = [torch.empty_like(weight) for _ in range(2)]
+        torch.distributed.all_gather(copies, weight.contiguous(), group=ps.get_embedding_group())
+        assert torch.equal(copies[0], copies[1]), extra
+        plugin.uninstall_megatron_lm()
+        assert not issubclass(schedules.P2PCommunicator, CompressedP2PCommunicator)
+        assert plugin.tied_embedding_state().residuals == {}  # dropped with the installation
     ps.destroy_model_parallel()
 
 

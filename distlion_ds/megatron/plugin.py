@@ -23,9 +23,14 @@ Every value is validated when parsed (argparse names the flag); combinations tha
 :func:`validate_args` before the optimizer is built, naming the flags.
 
 :func:`install_megatron_lm` (opt-in, idempotent through a marker attribute, logged once, originals kept for
-:func:`uninstall_megatron_lm`) rebinds three module globals of ``megatron.training.training``, the names Megatron-LM's
+:func:`uninstall_megatron_lm`) rebinds four module globals of ``megatron.training.training``, the names Megatron-LM's
 loop calls them by (core_v0.16.1 and core_v0.19.0; tests/test_megatron_plugin.py pins the signatures):
 
+- ``DDP``, the class ``get_model`` wraps each model chunk with (``DDP(config=..., ddp_config=..., module=...,
+  disable_bucketing=...)``) and ``train()`` tests with ``isinstance``: with ``--distlion`` a subclass builds the
+  chunks with :func:`distlion_ds.megatron.optimizer.ddp_config_for_dlion` applied to Megatron-LM's DDP config
+  (``use_distributed_optimizer=True`` for 64-element-aligned parameters in contiguous buffers, no parameter
+  all-gather; D-Lion's bucket path needs that layout, and nothing is sharded), otherwise megatron-core's class as is;
 - ``get_megatron_optimizer``, called by ``setup_model_and_optimizer`` as
   ``get_megatron_optimizer(config, model, config_overrides=..., use_gloo_process_groups=..., ...)``: with
   ``--distlion`` it builds ``distlion_ds.megatron.get_optimizer(config, model, aggregation=...)``, otherwise it calls
@@ -61,11 +66,12 @@ from .tied import CompressedFinalizeModelGrads, TiedEmbeddingState, tied_embeddi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "build_distlion_optimizer", "install_megatron_lm", "is_megatron_lm_installed",
-           "plugin_comm_stats", "tied_embedding_state", "uninstall_megatron_lm", "validate_args"]
+__all__ = ["add_arguments", "build_distlion_optimizer", "dlion_ddp_config", "install_megatron_lm",
+           "is_megatron_lm_installed", "plugin_comm_stats", "tied_embedding_state", "uninstall_megatron_lm",
+           "validate_args"]
 
 _MARKER = "_distlion_megatron_lm_originals"
-_PATCHED = ("get_megatron_optimizer", "finalize_model_grads", "get_forward_backward_func")
+_PATCHED = ("DDP", "get_megatron_optimizer", "finalize_model_grads", "get_forward_backward_func")
 _DEFAULTS = {"dlion_aggregation": "mavo", "dlion_beta1": 0.9, "dlion_beta2": 0.99, "dlion_local_steps": 1}
 _TIED_STATE = TiedEmbeddingState()
 
@@ -317,8 +323,43 @@ class _GetForwardBackwardFunc:
         return self.original(*args, **kwargs)
 
 
-_WRAPPERS = {"get_megatron_optimizer": _GetMegatronOptimizer, "finalize_model_grads": _FinalizeModelGrads,
-             "get_forward_backward_func": _GetForwardBackwardFunc}
+def dlion_ddp_config(ddp_config):
+    """Megatron-LM's ``DistributedDataParallelConfig`` with the fields D-Lion's bucket path needs
+    (``distlion_ds.megatron.optimizer.ddp_config_for_dlion``); every other field as Megatron-LM set it.
+
+    Args:
+        ddp_config: the config Megatron-LM's ``get_model`` built from its flags.
+
+    Returns:
+        A new config.
+    """
+    try:
+        from .optimizer import ddp_config_for_dlion
+    except ImportError as e:
+        raise ImportError(f"--distlion: distlion_ds.megatron.optimizer is not importable in this installation: {e}") \
+            from e
+    forced = ("use_distributed_optimizer", "overlap_param_gather")  # what ddp_config_for_dlion sets
+    keep = {f.name: getattr(ddp_config, f.name) for f in dataclasses.fields(ddp_config)
+            if f.init and f.name not in forced}
+    return ddp_config_for_dlion(**keep)
+
+
+def _ddp_class(original, training):
+    class DistributedDataParallel(original):
+        """Megatron-LM's ``DDP`` name: megatron-core's class, built with D-Lion's DDP config under --distlion."""
+
+        def __init__(self, config, ddp_config, module, *args, **kwargs):
+            if getattr(_checked_args(training), "distlion", False):
+                ddp_config = dlion_ddp_config(ddp_config)
+            super().__init__(config, ddp_config, module, *args, **kwargs)
+
+    DistributedDataParallel.original = original
+    DistributedDataParallel.__qualname__ = f"distlion_ds.{original.__name__}"
+    return DistributedDataParallel
+
+
+_WRAPPERS = {"DDP": _ddp_class, "get_megatron_optimizer": _GetMegatronOptimizer,
+             "finalize_model_grads": _FinalizeModelGrads, "get_forward_backward_func": _GetForwardBackwardFunc}
 
 
 def install_megatron_lm() -> bool:
@@ -345,17 +386,20 @@ def install_megatron_lm() -> bool:
     for name, wrapper in _WRAPPERS.items():
         setattr(training, name, wrapper(originals[name], training))
     setattr(training, _MARKER, originals)
-    logger.info("distlion_ds: Megatron-LM plugin installed (get_megatron_optimizer, finalize_model_grads, "
+    logger.info("distlion_ds: Megatron-LM plugin installed (DDP, get_megatron_optimizer, finalize_model_grads, "
                 "get_forward_backward_func of megatron.training.training); active only with its flags")
     return True
 
 
 def uninstall_megatron_lm() -> None:
-    """Restore Megatron-LM's own names (and megatron-core's default communicator); no-op when not installed."""
+    """Restore Megatron-LM's own names and megatron-core's default communicator, and drop the tied-embedding EF
+    state; no-op when not installed."""
+    global _TIED_STATE
     training = importlib.import_module("megatron.training.training")
     originals = getattr(training, _MARKER, None)
     if originals is None:
         return
+    _TIED_STATE = TiedEmbeddingState()  # the residuals belonged to the installed run
     for name, fn in originals.items():
         setattr(training, name, fn)
     setattr(training, _MARKER, None)
