@@ -28,9 +28,19 @@ with warnings.catch_warnings():
         ddp_config_for_dlion,
         get_optimizer,
     )
+    from .plugin import (
+        add_arguments,
+        install_megatron_lm,
+        is_megatron_lm_installed,
+        tied_embedding_state,
+        uninstall_megatron_lm,
+    )
+    from .tied import CompressedFinalizeModelGrads, TiedEmbeddingState, finalize_model_grads_with
 
 __all__ = [
     "CompressedP2PCommunicator", "CompressionConfig", "compression_state", "set_sample_ids",
     "enable_cpu", "disable_cpu", "install", "uninstall", "is_installed",
     "DistributedLionOptimizer", "get_optimizer", "ddp_config_for_dlion", "check_checkpoint_data_parallel_size",
+    "add_arguments", "install_megatron_lm", "uninstall_megatron_lm", "is_megatron_lm_installed", "tied_embedding_state",
+    "CompressedFinalizeModelGrads", "TiedEmbeddingState", "finalize_model_grads_with",
 ]
