@@ -68,7 +68,9 @@ class LocalStepsLion(torch.optim.Optimizer):
     Args:
         params: the parameters (or param-group dicts, which may set the outer ``lr``, ``betas``, ``weight_decay``
             per group); those with ``requires_grad=True`` must be exactly the parameters ``inner`` optimizes.
-        inner: the inner optimizer, built by the caller on the same parameters; every rank keeps its own.
+        inner: the inner optimizer, built by the caller on the same parameters; every rank keeps its own. A
+            ``torch.optim.Optimizer``, or anything with ``step``, ``zero_grad``, ``state_dict``, ``load_state_dict``
+            and ``param_groups`` (megatron-core's ``MegatronOptimizer`` on fp32 parameters).
         local_steps: H >= 1, inner steps per round.
         lr: outer learning rate (> 0): each outer step moves a weight by ``lr`` (MaVo).
         betas: outer ``(beta1, beta2)``.
@@ -80,14 +82,17 @@ class LocalStepsLion(torch.optim.Optimizer):
             ``intra_node_size`` ...).
     """
 
-    def __init__(self, params, inner: torch.optim.Optimizer, local_steps: int, lr: float,
+    def __init__(self, params, inner, local_steps: int, lr: float,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, aggregation: str = "mavo",
                  process_group=None, **outer_kwargs: Any):
         if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
             raise ValueError(f"Invalid local_steps: {local_steps!r} (an int >= 1: inner steps per outer step)")
-        if not isinstance(inner, torch.optim.Optimizer):
-            raise ValueError(f"Invalid inner: {type(inner).__name__} (a torch.optim.Optimizer built on the same "
-                             "parameters, e.g. torch.optim.AdamW(model.parameters(), lr=...))")
+        missing = [a for a in ("step", "zero_grad", "state_dict", "load_state_dict", "param_groups")
+                   if not hasattr(inner, a)]
+        if missing:
+            raise ValueError(f"Invalid inner: {type(inner).__name__} has no {', '.join(missing)} (an optimizer "
+                             "built on the same parameters, e.g. torch.optim.AdamW(model.parameters(), lr=...), or "
+                             "a megatron-core MegatronOptimizer)")
         if isinstance(inner, LocalStepsLion | DistributedLion):
             raise ValueError(f"Invalid inner: {type(inner).__name__} communicates; the inner optimizer must be "
                              "local (AdamW, SGD, a single-process Lion ...)")
