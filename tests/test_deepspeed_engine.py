@@ -9,7 +9,6 @@ Three spawns, many assertions each (a spawn costs ~10-20 s of imports):
 
 import json
 import logging
-import math
 import os
 from types import SimpleNamespace
 
@@ -84,14 +83,18 @@ def _warmup_lr(step):
 
 
 def _reference_clip_(params, max_norm):
-    """The documented local clipping policy, written out: this rank's gradient norm, DeepSpeed's eps."""
+    """The documented local clipping policy, written out: this rank's gradient norm (fp32 per-tensor norms, squares
+    summed in fp32 in parameter order), coefficient max_norm / (norm + 1e-6) in fp32."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = math.sqrt(sum(float(torch.linalg.vector_norm(g).double()) ** 2 for g in grads))
+    sq = torch.zeros((), dtype=torch.float32)
+    for g in grads:
+        sq = sq + torch.linalg.vector_norm(g, dtype=torch.float32).square()
+    norm = sq.sqrt()
     if norm > max_norm:
-        coef = torch.tensor(max_norm / (norm + 1e-6), dtype=torch.float32)
+        coef = torch.tensor(max_norm, dtype=torch.float32) / (norm + torch.tensor(1e-6, dtype=torch.float32))
         for g in grads:
             g.mul_(coef)
-    return norm
+    return float(norm)
 
 
 def _train_gas_step(engine, step, rank):
@@ -439,10 +442,11 @@ def _pipeline_2_stages_x_2_dp(rank, outdir):
         assert not torch.equal(copies[0], copies[1])  # no DP gradient all-reduce in the pipeline schedule
         _assert_replicas_identical(engine.module, dp_group)  # yet both DP replicas of this stage agree
         # The clipping norm is that of this replica's whole gradient: summed over its two stages, never over DP.
-        sq = torch.tensor([sum(float(torch.linalg.vector_norm(g).double()) ** 2 for g in captured["grads"])],
-                          dtype=torch.float64)
+        sq = torch.zeros(1, dtype=torch.float32)
+        for g in captured["grads"]:  # fp32 squares of fp32 per-tensor norms, in parameter order (the policy)
+            sq = sq + torch.linalg.vector_norm(g, dtype=torch.float32).square()
         stage_sums = _gather(sq, mp_group)
-        assert opt.last_local_grad_norm == math.sqrt(float(stage_sums[0] + stage_sums[1]))
+        assert opt.last_local_grad_norm == float((stage_sums[0] + stage_sums[1]).sqrt())
         norms = _gather(torch.tensor([opt.last_local_grad_norm], dtype=torch.float64), mp_group)
         assert norms[0].item() == norms[1].item()
         assert opt.comm_stats()["steps"] == step

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -63,6 +62,7 @@ from distlion_ds.deepspeed.config import (
     parse_deepspeed_config,
     split_distlion_section,
 )
+from distlion_ds.optim import policy
 from distlion_ds.optim.distributed_lion import DistributedLion
 from distlion_ds.optim.local_steps import LocalStepsLion
 
@@ -72,10 +72,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# DeepSpeed's clip_grad_norm_ adds the same epsilon (deepspeed/runtime/utils.py).
-_CLIP_EPS = 1e-6
-
 
 @torch.no_grad()
 def clip_local_grad_norm_(
@@ -87,12 +83,13 @@ def clip_local_grad_norm_(
 ) -> float:
     """Scale this rank's gradient in place so that its L2 norm is at most ``max_norm``.
 
-    ``norm = sqrt(sum_p double(||g_p||_fp32) ** 2)`` over the parameters with a gradient (those whose ``id`` is in
+    ``norm = sqrt(sum_p ||g_p||_fp32 ** 2)`` in fp32 over the parameters with a gradient (those whose ``id`` is in
     ``excluded`` do not count, e.g. tied or tensor-parallel-replicated copies whose gradient another rank of the
     same replica already counts), summed over ``model_parallel_group`` when given; never over data parallelism.
-    When ``norm > max_norm`` every gradient is multiplied by ``float32(max_norm / (norm + 1e-6))`` (DeepSpeed's
-    epsilon); otherwise the gradients are untouched. A non-finite norm leaves them untouched: the optimizer's
-    non-finite rule then skips the step on every rank.
+    When ``norm > max_norm`` every gradient is multiplied by ``max_norm / (norm + 1e-6)`` computed in fp32
+    (DeepSpeed's and megatron-core's epsilon); otherwise the gradients are untouched. A non-finite norm leaves them
+    untouched: the optimizer's non-finite rule then skips the step on every rank. This is
+    :mod:`distlion_ds.optim.policy`, the same policy as the megatron-core seam.
 
     Args:
         params: the parameters whose ``.grad`` to clip.
@@ -106,20 +103,19 @@ def clip_local_grad_norm_(
     params = list(params)
     grads = [(id(p), p.grad) for p in params if p.grad is not None]
     device = params[0].device if params else torch.device("cpu")
-    # Per-tensor norms in fp32 (as DeepSpeed's get_weight_norm), their squares summed in fp64 in parameter order;
-    # all on the device, so there is one host sync per step (the .item() below).
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for pid, g in grads:
-        if pid not in excluded:
-            total += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device).double().square()
-    if model_parallel_group is not None and dist.get_world_size(group=model_parallel_group) > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=model_parallel_group)
-    norm = math.sqrt(total.item())
-    if math.isfinite(norm) and norm > max_norm:
-        coef = torch.tensor(max_norm / (norm + _CLIP_EPS), dtype=torch.float32)
-        for _, g in grads:
-            g.mul_(coef.to(g.device))
-    return norm
+
+    def model_parallel_sum(t: torch.Tensor) -> None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=model_parallel_group)
+
+    # The one policy of both seams (distlion_ds.optim.policy): fp32 per-tensor norms summed in fp32 in parameter
+    # order on the device, the coefficient on the device; one host sync per step (the float() below, for DeepSpeed's
+    # get_global_grad_norm).
+    norm = policy.replica_grad_norm(
+        [g for pid, g in grads if pid not in excluded], device,
+        model_parallel_sum if model_parallel_group is not None and dist.get_world_size(group=model_parallel_group) > 1
+        else None)
+    policy.clip_grads_([g for _, g in grads], policy.clip_coefficient(norm, max_norm))
+    return float(norm)
 
 
 class _DeepSpeedStepPolicy:
