@@ -143,11 +143,12 @@ def test_state_refuses_another_shape_and_unknown_keys():
 # ------------------------------------------------------------------------------------------------ oracles
 
 
-def _quantize_oracle(x: torch.Tensor, bits: int, block: int, stochastic=False, seed=None) -> torch.Tensor:
+def _quantize_oracle(x: torch.Tensor, bits: int, block: int, out_dtype=torch.float32) -> torch.Tensor:
+    """fp32 decode of x's k-bit codes; ``out_dtype``: the dtype the decode rounds to (the wire dtype)."""
     from distlion_ds.kernels import dequantize_ref, quantize_ref
 
-    codes, scales = quantize_ref(x.reshape(-1).float(), bits, block, stochastic=stochastic, seed=seed)
-    return dequantize_ref(codes, scales, bits, block, x.numel(), torch.float32).view(x.shape)
+    codes, scales = quantize_ref(x.reshape(-1).float(), bits, block)
+    return dequantize_ref(codes, scales, bits, block, x.numel(), out_dtype).view(x.shape).float()
 
 
 def _topk_oracle(x: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -357,7 +358,34 @@ def _worker(rank: int, world: int) -> None:
     _run_step(cfg, chunks, 21, c)
     assert not torch.equal(weight.main_grad, continued)
 
-    # --- 4. ranks that disagree on the config are refused on every rank, naming the setting.
+    # --- 4. the compressor alone on the embedding group: bf16 and fp16 gradients (encoded as fp32 with EF, in their
+    # own dtype without), sizes not divisible by the block, an all-zero gradient; both ranks get the same bits.
+    from distlion_ds.megatron.tied import TiedEmbeddingCompressor
+
+    g = torch.Generator().manual_seed(50 + me)
+    for dtype in (torch.bfloat16, torch.float16):
+        for feedback in ("ef", "none"):
+            comp = TiedEmbeddingCompressor({"method": "quantize", "bits": 8, "block_size": 64, "feedback": feedback})
+            for shape in ((37, 5), (8, 8)):
+                for zero in (False, True):
+                    grad = torch.zeros(shape, dtype=dtype) if zero else torch.randn(shape, generator=g).to(dtype)
+                    channel = f"test{shape}"  # one residual per stream (a shape change is refused, tested above)
+                    x = grad.float() + comp.state.residual(channel, grad) if feedback == "ef" else grad
+                    xs = _gather(x, group)
+                    comp.all_reduce_(grad, group, channel)
+                    # without EF the payload is the gradient's own dtype, decoded to it, summed in fp32
+                    wire_dtype = torch.float32 if feedback == "ef" else dtype
+                    want = _quantize_oracle(xs[0], 8, 64, wire_dtype) + _quantize_oracle(xs[1], 8, 64, wire_dtype)
+                    assert grad.dtype == dtype and torch.equal(grad, want.to(dtype)), (dtype, feedback, shape, zero)
+                    copies = _gather(grad, group)
+                    assert torch.equal(copies[0], copies[1])
+                    if zero and feedback == "none":
+                        assert not grad.any()
+            wire = 4 if feedback == "ef" else 2
+            assert comp.payload_bytes(torch.zeros(37, 5, dtype=dtype)) == 4 * 3 + 185  # not divisible by 64
+            assert comp.wire_dtype(torch.zeros(1, dtype=dtype)).itemsize == wire
+
+    # --- 5. ranks that disagree on the config are refused on every rank, naming the setting.
     bad = CompressedFinalizeModelGrads({"method": "quantize", "bits": 8 if me == 0 else 4})
     try:
         _run_step(cfg, chunks, 30, bad)
