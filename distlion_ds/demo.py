@@ -35,6 +35,10 @@ METHODS = {
     "lion": dict(optimizer="lion", lr=4e-4, weight_decay=0.5),
     "dlion_mavo": dict(optimizer="dlion", aggregation="mavo", lr=4e-4, weight_decay=0.5),
     "dlion_avg": dict(optimizer="dlion", aggregation="avg", lr=4e-4, weight_decay=0.5),
+    # Local-step D-Lion (issue 13): 10 AdamW steps per worker alone, then one 1-bit D-Lion outer step on the
+    # pseudo-gradient. 10 divides the 300 steps, so the run ends on an outer step (identical replicas).
+    "dlion_local": dict(optimizer="local", aggregation="mavo", local_steps=10, lr=2e-3, weight_decay=0.1,
+                        inner_lr=2e-3, inner_weight_decay=0.1),
     # Hierarchical D-Lion (issue 12): the 4 workers as 2 nodes x 2, one voter per node. Not in the default run.
     "dlion_mavo_hier": dict(optimizer="dlion", aggregation="mavo", intra_node_size=2, lr=4e-4, weight_decay=0.5),
 }
@@ -63,7 +67,7 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
 
-    from distlion_ds import DistributedLion
+    from distlion_ds import DistributedLion, LocalStepsLion
     from distlion_ds.comm import replica_checksum
     from distlion_ds.kernels import _dispatch
 
@@ -85,6 +89,11 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
     elif spec["optimizer"] == "lion":  # global Lion: averaged fp32 gradients, then a one-rank Lion step
         opt = DistributedLion(params, lr=spec["lr"], weight_decay=spec["weight_decay"],
                               process_group=singleton[rank])
+    elif spec["optimizer"] == "local":  # the schedule below drives the inner lr; the outer lr is constant
+        inner = torch.optim.AdamW(params, lr=spec["inner_lr"], weight_decay=spec["inner_weight_decay"],
+                                  betas=(0.9, 0.95))
+        opt = LocalStepsLion(params, inner, spec["local_steps"], lr=spec["lr"], weight_decay=spec["weight_decay"],
+                             aggregation=spec["aggregation"])
     else:
         opt = DistributedLion(params, lr=spec["lr"], weight_decay=spec["weight_decay"],
                               aggregation=spec["aggregation"], intra_node_size=spec.get("intra_node_size", 1))
@@ -114,7 +123,7 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
             for i in range(0, args.valid_samples, 16):
                 b = _batch(valid, range(i, min(i + 16, args.valid_samples)))
                 vl.append(float(model(b["tokens"], b["labels"], b["loss_mask"])) * len(b["tokens"]))
-        if spec["optimizer"] == "dlion":
+        if spec["optimizer"] in ("dlion", "local"):
             bits = opt.comm_stats()["bits_per_param_step"]
         else:  # DDP all-reduces fp32 gradient buckets: a ring all-reduce sends 2(N-1)/N * 32 bits per parameter
             bits = 64 * (world - 1) / world
@@ -127,6 +136,7 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
 # Row labels of the printed table; the README's demo table is that output, pasted.
 LABELS = {"adamw": "adamw (DDP fp32 all-reduce)", "lion": "lion (global: DDP all-reduce + Lion)",
           "dlion_mavo": "dlion_mavo (1-bit votes, majority)", "dlion_avg": "dlion_avg (1-bit votes, averaged)",
+          "dlion_local": "dlion_local (10 AdamW steps, then a 1-bit vote)",
           "dlion_mavo_hier": "dlion_mavo_hier (2 nodes x 2, one voter per node)"}
 
 
@@ -141,7 +151,7 @@ def markdown_table(runs: list[dict]) -> str:
     rows = ["| method | final val loss | wire bits/param/step | wall s | replicas |", "|---|---|---|---|---|"]
     for r in runs:
         # D-Lion counts its own payload bytes; DDP's all-reduce is not instrumented, so its cost is the ring model.
-        source = "measured" if METHODS[r["name"]]["optimizer"] == "dlion" else "ring model: 64(N−1)/N"
+        source = "measured" if METHODS[r["name"]]["optimizer"] in ("dlion", "local") else "ring model: 64(N−1)/N"
         replicas = "identical" if r["dp_replicas_identical"] else "DIVERGED"
         rows.append(f"| {LABELS[r['name']]} | {r['final_val_loss']:.4f} | {r['bits_per_param_step']:.3f} ({source}) "
                     f"| {r['wall_s']:.1f} | {replicas} |")
