@@ -1,0 +1,137 @@
+"""What the study's scripts share: the two scales (suites), the methods, the lr grids, result-file names.
+
+Suites:
+  study  a GPT of 6.50M parameters (hidden 272, 6 layers, 4 heads, vocab 4096, tied embeddings, 128-token
+         sequences), 4 workers x 3 sequences per step, 2048 inner steps per worker (3.1M tokens, a third of the stdlib
+         corpus), validation every 256 steps on 512 held-out sequences. Sized from a measured step time: 0.56 s per
+         step at 4 sequences (all 4 workers on this 2-core machine), so 3 sequences (~0.42 s) keep a run near 15 min.
+  demo   exactly the demo's scale (distlion_ds/demo.py defaults: hidden 128, 2 layers, 64-token sequences, 4 workers
+         x 8 sequences, 300 steps, 256 validation sequences), for the lr x weight-decay sweep the demo takes its
+         settings from.
+
+Methods (every one sees the same tokens: worker r reads samples ``(step*N + r)*micro ...`` at every step):
+  adamw               DDP fp32 all-reduce + AdamW (betas 0.9/0.95)
+  lion                global Lion: DDP fp32 all-reduce + a one-rank DistributedLion (plain Lion)
+  dlion_mavo / _avg   DistributedLion, 1-bit votes every step
+  local_dlion_H{h}    LocalStepsLion (MaVo) over h steps of AdamW; the lr swept is the outer lr
+  diloco_fp32_H{h}    DiLoCo (Nesterov 0.9 outer SGD) over h steps of AdamW, fp32 reduce-scatter/all-gather
+  diloco_int8_H{h}    the same with int8 codes (block 256) on the wire; diloco_int4_H{h}: int4
+Inner AdamW of the local methods: lr INNER_LR (the adamw grid's middle; documented, not tuned per method), wd 0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import re
+
+HERE = pathlib.Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CKPT_ROOT = HERE.parent.parent / "runs" / "study_ckpt"  # ignored by git: checkpoints are large and temporary
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """One scale of the study: the model, the batch, the length of a run and the validation cadence."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    seq_length: int
+    micro_batch: int  # sequences per worker per step
+    steps: int
+    valid_every: int  # a multiple of every local-steps H of the suite (replicas are identical only between rounds)
+    valid_samples: int
+    ckpt_every: int
+    workers: int = 4
+    vocab_size: int = 4096
+    results: pathlib.Path = RESULTS
+
+
+SUITES = {
+    "study": Suite("study", hidden_size=272, num_layers=6, num_heads=4, seq_length=128, micro_batch=3, steps=2048,
+                   valid_every=256, valid_samples=512, ckpt_every=256),
+    "demo": Suite("demo", hidden_size=128, num_layers=2, num_heads=4, seq_length=64, micro_batch=8, steps=300,
+                  valid_every=100, valid_samples=256, ckpt_every=100, results=RESULTS / "demo"),
+}
+
+INNER_LR = 2e-3  # inner AdamW of the local methods: the adamw grid's middle
+INNER_WD = 0.1
+LION_WD = 0.5  # the demo's Lion / D-Lion weight decay (Lion: ~3-10x smaller lr, larger wd; Chen et al. 2023)
+ADAMW_WD = 0.1
+LION_LR = 3e-4
+
+_LOCAL = re.compile(r"^(local_dlion|diloco_fp32|diloco_int8|diloco_int4)_H(\d+)$")
+
+
+def parse_method(name: str) -> dict:
+    """The method's spec: ``{"kind", "H", "quantization"}``; a ValueError names the allowed forms."""
+    if name in ("adamw", "lion", "dlion_mavo", "dlion_avg"):
+        return {"kind": name, "H": 1, "quantization": None}
+    m = _LOCAL.match(name)
+    if not m or int(m.group(2)) < 1:
+        raise ValueError(f"--method {name!r}: expected adamw, lion, dlion_mavo, dlion_avg, local_dlion_H<h>, "
+                         "diloco_fp32_H<h>, diloco_int8_H<h> or diloco_int4_H<h>")
+    kind, h = m.group(1), int(m.group(2))
+    quant = {"diloco_int8": "int8", "diloco_int4": "int4"}.get(kind)
+    return {"kind": "local_dlion" if kind == "local_dlion" else "diloco", "H": h, "quantization": quant}
+
+
+def default_wd(method: str) -> float:
+    """The weight decay a method uses unless a run names another (local methods: the inner AdamW's)."""
+    kind = parse_method(method)["kind"]
+    return {"adamw": ADAMW_WD, "lion": LION_WD, "dlion_mavo": LION_WD, "dlion_avg": LION_WD}.get(kind, INNER_WD)
+
+
+def fmt(x: float) -> str:
+    """A number as it appears in file names: ``2e-3`` -> ``0.002``, ``0.7`` -> ``0.7`` (repr of the float)."""
+    return repr(float(x))
+
+
+def run_name(method: str, lr: float, seed: int, wd: float | None = None) -> str:
+    """``<method>_lr<X>_s<S>``, with ``_wd<W>`` when the weight decay is not the method's default."""
+    wd_part = "" if wd is None or math.isclose(wd, default_wd(method)) else f"_wd{fmt(wd)}"
+    return f"{method}_lr{fmt(lr)}{wd_part}_s{seed}"
+
+
+def result_path(suite: Suite, method: str, lr: float, seed: int, wd: float | None = None) -> pathlib.Path:
+    return suite.results / f"{run_name(method, lr, seed, wd)}.json"
+
+
+# The study's grids: 3 points per method, the middle one first in the plan. Lion-family: around the demo's
+# 3e-4-ish Lion lr. Local D-Lion moves every weight by +-lr once per round: the middle is H x LION_LR / 2 (half the
+# largest drift per-step Lion could make in H steps). DiLoCo: the paper's 0.7 and a point either side.
+def lr_grid(method: str) -> list[float]:
+    """Three learning rates, middle first (the run that decides the targets), then low, then high."""
+    spec = parse_method(method)
+    if spec["kind"] == "adamw":
+        mid, lo, hi = 2e-3, 1e-3, 4e-3
+    elif spec["kind"] in ("lion", "dlion_mavo", "dlion_avg"):
+        mid, lo, hi = 3e-4, 1.5e-4, 6e-4
+    elif spec["kind"] == "local_dlion":
+        mid = spec["H"] * LION_LR / 2
+        lo, hi = mid / 2, mid * 2
+    else:
+        mid, lo, hi = 0.7, 0.4, 1.0
+    return [float(f"{v:.4g}") for v in (mid, lo, hi)]
+
+
+STUDY_METHODS = ["adamw", "lion", "dlion_mavo", "dlion_avg",
+                 *[f"local_dlion_H{h}" for h in (8, 32, 128)],
+                 *[f"diloco_fp32_H{h}" for h in (8, 32, 128)],
+                 *[f"diloco_int8_H{h}" for h in (8, 32, 128)]]
+OPTIONAL_METHODS = [f"diloco_int4_H{h}" for h in (8, 32, 128)]
+SEEDS = (0, 1)
+
+# The demo-scale sweep: lr x wd for the demo's methods and local D-Lion, seed 0, 300 steps. The demo's own
+# weight decay comes first. Local D-Lion uses H=10, not 8: 10 divides the demo's 300 steps and its validation
+# cadence, so the replicas are identical where the loss is measured.
+DEMO_GRID = {
+    "adamw": ([1e-3, 2e-3, 4e-3, 8e-3], [0.1, 0.0]),
+    "lion": ([2e-4, 4e-4, 8e-4, 1.6e-3], [0.5, 0.1]),
+    "dlion_mavo": ([2e-4, 4e-4, 8e-4, 1.6e-3], [0.5, 0.1]),
+    "dlion_avg": ([2e-4, 4e-4, 8e-4, 1.6e-3], [0.5, 0.1]),
+    "local_dlion_H10": ([1e-3, 2e-3, 4e-3, 8e-3], [0.1]),
+}

@@ -1,0 +1,118 @@
+"""Run the study's pending runs in a fixed priority order until a time budget is spent (chunkable across sessions).
+
+    python -m benchmarks.study.plan [--suite study|demo] --budget-minutes 30 [--int4] [--dry-run]
+                                    [--lock /tmp/distlion-heavy.lock] [--nice 10]
+
+Order (suite ``study``): seed 0 at the middle lr of every method (the runs that decide the targets), then seed 0 at
+the other two lrs, then seed 1 at all three (middle first). Suite ``demo``: the lr x weight-decay grid of
+``common.DEMO_GRID`` at the demo's scale, seed 0. A run whose result file exists is skipped; a run that was paused
+resumes from its checkpoint. Each run holds ``--lock`` (flock) only while it trains, so other heavy jobs of the
+machine interleave between runs; it runs under ``nice``. A run still going when the budget ends pauses at its next
+checkpoint (every 256 steps, ~2 minutes) and resumes in the next chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from benchmarks.study.common import (
+    DEMO_GRID,
+    OPTIONAL_METHODS,
+    SEEDS,
+    STUDY_METHODS,
+    SUITES,
+    default_wd,
+    lr_grid,
+    result_path,
+)
+
+logger = logging.getLogger("benchmarks.study.plan")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def planned_runs(suite: str, int4: bool = False) -> list[dict]:
+    """Every run of the suite, in priority order: ``{"method", "lr", "seed", "wd"}``."""
+    if suite == "demo":
+        # Each method's lr sweep at the demo's weight decay first (interleaved over the methods), then the other wd.
+        runs = []
+        for wi in range(max(len(wds) for _, wds in DEMO_GRID.values())):
+            for li in range(max(len(lrs) for lrs, _ in DEMO_GRID.values())):
+                for m, (lrs, wds) in DEMO_GRID.items():
+                    if wi < len(wds) and li < len(lrs):
+                        runs.append({"method": m, "lr": lrs[li], "seed": 0, "wd": wds[wi]})
+        return runs
+    methods = STUDY_METHODS + (OPTIONAL_METHODS if int4 else [])
+    runs = [{"method": m, "lr": lr_grid(m)[0], "seed": SEEDS[0]} for m in methods]
+    runs += [{"method": m, "lr": lr, "seed": SEEDS[0]} for m in methods for lr in lr_grid(m)[1:]]
+    runs += [{"method": m, "lr": lr, "seed": s} for s in SEEDS[1:] for m in methods for lr in lr_grid(m)]
+    return [dict(r, wd=default_wd(r["method"])) for r in runs]
+
+
+def pending(suite: str, int4: bool = False) -> list[dict]:
+    s = SUITES[suite]
+    return [r for r in planned_runs(suite, int4)
+            if not result_path(s, r["method"], r["lr"], r["seed"], r["wd"]).exists()]
+
+
+def _run_one(r: dict, suite: str, deadline: float, lock: str | None, nice: int) -> int:
+    cmd = ["nice", "-n", str(nice), sys.executable, "-m", "benchmarks.study.run", "--suite", suite,
+           "--method", r["method"], "--lr", repr(r["lr"]), "--seed", str(r["seed"]), "--wd", repr(r["wd"]),
+           "--deadline-minutes", f"{max(0.0, (deadline - time.time()) / 60):.2f}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR) if lock else None
+    try:
+        if fd is not None:
+            logger.info("waiting for %s", lock)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        logger.info("%s", " ".join(cmd[3:]))
+        return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    finally:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.study.plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=sorted(SUITES), default="study")
+    ap.add_argument("--budget-minutes", type=float, required=True)
+    ap.add_argument("--int4", action="store_true", help="add the diloco_int4 runs at the end of each phase")
+    ap.add_argument("--dry-run", action="store_true", help="list the pending runs in order and exit")
+    ap.add_argument("--lock", default="/tmp/distlion-heavy.lock", help="flock held per run ('' for none)")
+    ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--max-runs", type=int, default=None)
+    args = ap.parse_args(argv)
+    todo = pending(args.suite, args.int4)
+    total = len(planned_runs(args.suite, args.int4))
+    logger.info("%s: %d of %d runs pending", args.suite, len(todo), total)
+    if args.dry_run:
+        for r in todo:
+            print(f"{r['method']} lr={r['lr']} wd={r['wd']} seed={r['seed']}")
+        return 0
+    deadline = time.time() + 60 * args.budget_minutes
+    done = 0
+    for r in todo:
+        if time.time() > deadline - 60 or (args.max_runs is not None and done >= args.max_runs):
+            break
+        rc = _run_one(r, args.suite, deadline, args.lock or None, args.nice)
+        if rc == 3:
+            logger.info("budget spent: %s paused (it resumes from its checkpoint next time)", r["method"])
+            break
+        if rc != 0:
+            logger.error("run %s failed with exit status %d; stopping", r, rc)
+            return rc
+        done += 1
+    logger.info("%d runs finished in this chunk; %d pending", done, len(pending(args.suite, args.int4)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
