@@ -3,8 +3,9 @@
     python -m benchmarks.study.plan [--suite study|demo] --budget-minutes 30 [--int4] [--dry-run]
                                     [--lock /tmp/distlion-heavy.lock] [--nice 10]
 
-Order (suite ``study``): seed 0 at the middle lr of every method (the runs that decide the targets), then seed 0 at
-the other two lrs, then seed 1 at all three (middle first). Suite ``demo``: the lr x weight-decay grid of
+Order (suite ``study``): seed 0 at the middle lr of every method (the runs that decide the targets; AdamW, then
+the H=32 local D-Lion / DiLoCo fp32 / DiLoCo int8 triple, D-Lion MaVo and Lion, then the rest), then seed 0 at the
+other two lrs, then seed 1 at all three (middle first). Suite ``demo``: the lr x weight-decay grid of
 ``common.DEMO_GRID`` at the demo's scale, seed 0. A run whose result file exists is skipped; a run that was paused
 resumes from its checkpoint. Each run holds ``--lock`` (flock) only while it trains, so other heavy jobs of the
 machine interleave between runs; it runs under ``nice``. A run still going when the budget ends pauses at its next
@@ -49,7 +50,11 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
                         runs.append({"method": m, "lr": lrs[li], "seed": 0, "wd": wds[wi]})
         return runs
     methods = STUDY_METHODS + (OPTIONAL_METHODS if int4 else [])
-    runs = [{"method": m, "lr": lr_grid(m)[0], "seed": SEEDS[0]} for m in methods]
+    # Phase 1 (seed 0, middle lr) in the order that decides the most per run: AdamW (the inner optimizer's
+    # reference), the H=32 triple of the first target, the per-step D-Lion vs Lion pair, then the rest.
+    first = ["adamw", "local_dlion_H32", "diloco_fp32_H32", "diloco_int8_H32", "dlion_mavo", "lion"]
+    phase1 = [m for m in first if m in methods] + [m for m in methods if m not in first]
+    runs = [{"method": m, "lr": lr_grid(m)[0], "seed": SEEDS[0]} for m in phase1]
     runs += [{"method": m, "lr": lr, "seed": SEEDS[0]} for m in methods for lr in lr_grid(m)[1:]]
     runs += [{"method": m, "lr": lr, "seed": s} for s in SEEDS[1:] for m in methods for lr in lr_grid(m)]
     return [dict(r, wd=default_wd(r["method"])) for r in runs]

@@ -1,0 +1,70 @@
+"""The study harness's bookkeeping (benchmarks/study): names, the plan's order, the report's arithmetic and markers.
+
+Training itself is exercised by the harness's own smoke and resume runs (benchmarks/study/README.md); these tests
+are the parts whose mistakes would silently mislabel or drop results.
+"""
+
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.study import plan, report  # noqa: E402
+from benchmarks.study.common import SUITES, lr_grid, parse_method, result_path, run_name  # noqa: E402
+
+
+def test_method_names_parse_and_bad_ones_name_the_flag():
+    assert parse_method("diloco_int8_H32") == {"kind": "diloco", "H": 32, "quantization": "int8"}
+    assert parse_method("local_dlion_H8") == {"kind": "local_dlion", "H": 8, "quantization": None}
+    assert parse_method("dlion_avg")["H"] == 1
+    for bad in ("diloco_H8", "local_dlion_H0", "sgd"):
+        with pytest.raises(ValueError, match="--method"):
+            parse_method(bad)
+
+
+def test_result_names():
+    assert run_name("adamw", 2e-3, 0) == "adamw_lr0.002_s0"
+    assert run_name("adamw", 2e-3, 1, wd=0.0) == "adamw_lr0.002_wd0.0_s1"  # a non-default wd is in the name
+    assert run_name("lion", 4e-4, 0, wd=0.5) == "lion_lr0.0004_s0"  # the default is not
+    assert result_path(SUITES["demo"], "lion", 4e-4, 0).parent.name == "demo"
+
+
+def test_plan_order_and_counts():
+    runs = plan.planned_runs("study")
+    assert len(runs) == 13 * 3 * 2
+    assert len({(r["method"], r["lr"], r["seed"]) for r in runs}) == len(runs)
+    first = runs[:13]  # phase 1: every method once, seed 0, its middle lr
+    assert {r["method"] for r in first} == set(plan.STUDY_METHODS)
+    assert all(r["seed"] == 0 and r["lr"] == lr_grid(r["method"])[0] for r in first)
+    assert [r["method"] for r in first[:4]] == ["adamw", "local_dlion_H32", "diloco_fp32_H32", "diloco_int8_H32"]
+    assert all(r["seed"] == 0 for r in runs[:39]) and all(r["seed"] == 1 for r in runs[39:])
+    assert len(plan.planned_runs("study", int4=True)) == 16 * 3 * 2
+    demo = plan.planned_runs("demo")
+    assert len(demo) == 36 and demo[0] == {"method": "adamw", "lr": 1e-3, "seed": 0, "wd": 0.1}
+
+
+def test_steps_to_target_interpolates_between_validation_points():
+    curve = [{"step": 0, "val_loss": 8.0}, {"step": 100, "val_loss": 6.0}, {"step": 200, "val_loss": 5.0}]
+    assert report.steps_to_target(curve, 5.5) == 150.0
+    assert report.steps_to_target(curve, 6.0) == 100.0
+    assert report.steps_to_target(curve, 9.0) == 0.0
+    assert report.steps_to_target(curve, 4.9) is None
+
+
+def test_best_lr_is_the_lowest_mean_over_seeds():
+    runs = [{"lr": 1.0, "final_val_loss": 3.0}, {"lr": 1.0, "final_val_loss": 5.0},
+            {"lr": 2.0, "final_val_loss": 3.5}, {"lr": 2.0, "final_val_loss": 3.9}]
+    assert report.best_lr(runs) == 2.0  # 3.7 < 4.0, although lr 1.0 has the single best run
+
+
+def test_sections_are_replaced_between_markers_and_the_rest_kept():
+    text = "# Results\n\nothers' section\n"
+    once = report.replace_section(text, report.STUDY_MARKERS, "Study", "body 1")
+    assert once.startswith(text.rstrip("\n")) and "body 1" in once
+    twice = report.replace_section(once + "\n## later section\n", report.STUDY_MARKERS, "Study", "body 2")
+    assert "body 1" not in twice and "body 2" in twice and twice.count(report.STUDY_MARKERS[0]) == 1
+    assert "others' section" in twice and "## later section" in twice
