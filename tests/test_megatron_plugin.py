@@ -652,7 +652,33 @@ def test_distlion_dispatch_through_setup_model_and_optimizer():
     spawn(_dispatch_worker, 1)
 
 
-def _pp2_worker(rank: int, world: int, p2p_path: str) -> None:
+def _checkpoint_round_trip(last: dict, ckpt_dir: str) -> None:
+    """Save model + optimizer as Megatron-LM's torch_dist path does, zero the tied EF state, load: it is back."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from distlion_ds.megatron import plugin
+    from distlion_ds.megatron.tied import SHARDED_KEY, TiedEmbeddingState
+
+    model, optimizer = last["model"], last["optimizer"]
+    state = plugin.tied_embedding_state()
+    before = {k: v.clone() for k, v in state.residuals.items()}, dict(state.transfers)
+    model_sd = model[0].sharded_state_dict()
+    opt_sd = optimizer.sharded_state_dict(model_sd)
+    assert isinstance(opt_sd[SHARDED_KEY], ShardedObject)
+    dist_checkpointing.save({"model": model_sd, "optimizer": opt_sd}, ckpt_dir)
+    state.load_state_dict(TiedEmbeddingState().state_dict())  # forget it
+    assert state.residuals == {}
+    model_sd = model[0].sharded_state_dict()
+    loaded = dist_checkpointing.load({"model": model_sd, "optimizer": optimizer.sharded_state_dict(
+        model_sd, is_loading=True)}, ckpt_dir)
+    optimizer.load_state_dict(loaded["optimizer"])
+    assert state.transfers == before[1]
+    assert state.residuals.keys() == before[0].keys()
+    assert all(torch.equal(state.residuals[k], v) for k, v in before[0].items())
+
+
+def _pp2_worker(rank: int, world: int, p2p_path: str, ckpt_dir: str) -> None:
     """pp=2 through the fake pretrain with --p2p-compression and --tied-embedding-compression: with megatron-core's
     Adam, then with --distlion (when this checkout has distlion_ds.megatron.optimizer)."""
     torch.set_num_threads(1)
@@ -698,6 +724,8 @@ def _pp2_worker(rank: int, world: int, p2p_path: str) -> None:
         copies = [torch.empty_like(weight) for _ in range(2)]
         torch.distributed.all_gather(copies, weight.contiguous(), group=ps.get_embedding_group())
         assert torch.equal(copies[0], copies[1]), extra
+        # Megatron-LM's torch_dist checkpoint carries the EF state through the optimizer's sharded_state_dict
+        _checkpoint_round_trip(last, f"{ckpt_dir}/{len(extra)}")
         plugin.uninstall_megatron_lm()
         assert not issubclass(schedules.P2PCommunicator, CompressedP2PCommunicator)
         assert plugin.tied_embedding_state().residuals == {}  # dropped with the installation
@@ -708,4 +736,6 @@ def test_plugin_pp2_compressed_p2p_and_tied_embeddings(tmp_path):
     p2p = tmp_path / "p2p.json"
     p2p.write_text(json.dumps({"activations": {"method": "quantize", "bits": 8, "block_size": 256},
                                "gradients": {"method": "quantize", "bits": 8, "block_size": 256}}))
-    spawn(_pp2_worker, 2, str(p2p))
+    for variant in ("0", "1"):  # one checkpoint folder per variant (Adam, D-Lion)
+        (tmp_path / "ckpt" / variant).mkdir(parents=True)
+    spawn(_pp2_worker, 2, str(p2p), str(tmp_path / "ckpt"))

@@ -10,7 +10,8 @@ DistributedDataParallel, trained through megatron-core's 1F1B schedule with ``co
   g + e quantized / top-k'd, decoded, summed first-stage-first), the residual equals x - D(C(x)), and the bytes per
   channel equal the payload sizes computed here from the config;
 - the state store: a new callable given the old one's state (or its ``state_dict`` after a round trip) continues
-  bit for bit, stochastic rounding included; a state of another shape is refused;
+  bit for bit, stochastic rounding included; ``dist_checkpointing`` save / load gives each rank its own residual
+  back; a state of another shape is refused;
 - the ranks refuse a disagreeing config.
 
 Single-process tests pin every megatron-core private name the seam relies on, and the config errors.
@@ -260,7 +261,7 @@ class _Capture:
         return self.inner(model, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
 
 
-def _worker(rank: int, world: int) -> None:
+def _worker(rank: int, world: int, ckpt_dir: str) -> None:
     torch.set_num_threads(1)
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads as megatron_finalize
@@ -357,6 +358,17 @@ def _worker(rank: int, world: int) -> None:
     c = finalize_model_grads_with(config)  # without the state: the residual and the seeds restart -> other bits
     _run_step(cfg, chunks, 21, c)
     assert not torch.equal(weight.main_grad, continued)
+    # through megatron-core's dist_checkpointing: one object per rank, each rank gets its own back
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save({"tied": a.state.sharded_state_dict()}, ckpt_dir)
+    restored = TiedEmbeddingState()
+    loaded = dist_checkpointing.load({"tied": restored.sharded_state_dict()}, ckpt_dir)
+    restored.load_state_dict(loaded["tied"])
+    assert restored.transfers == a.state.transfers == {"word_embeddings": 2}
+    assert torch.equal(restored.residuals["word_embeddings"], a.state.residuals["word_embeddings"])
+    ends = _gather(restored.residuals["word_embeddings"], group)
+    assert not torch.equal(ends[0], ends[1])  # each end of the embedding group has its own residual back
 
     # --- 4. the compressor alone on the embedding group: bf16 and fp16 gradients (encoded as fp32 with EF, in their
     # own dtype without), sizes not divisible by the block, an all-zero gradient; both ranks get the same bits.
@@ -396,5 +408,6 @@ def _worker(rank: int, world: int) -> None:
     ps.destroy_model_parallel()
 
 
-def test_tied_embedding_pp2():
-    spawn(_worker, 2)
+def test_tied_embedding_pp2(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    spawn(_worker, 2, str(tmp_path / "ckpt"))

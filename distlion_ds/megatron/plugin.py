@@ -45,8 +45,9 @@ loop calls them by (core_v0.16.1 and core_v0.19.0; tests/test_megatron_plugin.py
 The wrappers read Megatron-LM's parsed arguments at call time (``get_args()``), so installing before ``pretrain``
 parses them is right; without any of our flags each wrapper calls the original unchanged.
 
-The EF residual of the tied-embedding compression lives in :func:`tied_embedding_state` for the whole run; Megatron-LM's
-checkpoint does not carry it (a resumed run restarts it from zero: EF then re-accumulates, the copies stay identical).
+The EF residual of the tied-embedding compression lives in :func:`tied_embedding_state` for the whole run; with
+``--ckpt-format torch_dist`` Megatron-LM's checkpoint carries it (the optimizer's ``sharded_state_dict`` /
+``load_state_dict`` add and take it, one object per rank), so a resumed run continues it exactly.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from typing import Any
 
 from distlion_ds.compress import CompressionConfig
 
-from .tied import CompressedFinalizeModelGrads, TiedEmbeddingState, tied_embedding_config
+from .tied import SHARDED_KEY, CompressedFinalizeModelGrads, TiedEmbeddingState, tied_embedding_config
 
 logger = logging.getLogger(__name__)
 
@@ -272,11 +273,41 @@ class _GetMegatronOptimizer:
     def __call__(self, config, model_chunks, *args, **kwargs):
         margs = _checked_args(self.training)
         if not getattr(margs, "distlion", False):
-            return self.original(config, model_chunks, *args, **kwargs)
-        if args:
+            optimizer = self.original(config, model_chunks, *args, **kwargs)
+        elif args:
             raise TypeError("get_megatron_optimizer wrapper: Megatron-LM passes its options by keyword; got "
                             f"{len(args)} extra positional argument(s)")
-        return build_distlion_optimizer(margs, config, model_chunks, **kwargs)
+        else:
+            optimizer = build_distlion_optimizer(margs, config, model_chunks, **kwargs)
+        if getattr(margs, "tied_embedding_compression", None) is not None:
+            _carry_tied_state(optimizer)
+        return optimizer
+
+
+def _carry_tied_state(optimizer) -> None:
+    """Make the optimizer's checkpoint carry the tied-embedding EF state (``--ckpt-format torch_dist``).
+
+    Megatron-LM saves ``optimizer.sharded_state_dict(...)`` with ``dist_checkpointing`` and, after loading, hands the
+    result to ``optimizer.load_state_dict``; this instance's two methods add / take one per-rank ``ShardedObject``
+    (:meth:`TiedEmbeddingState.sharded_state_dict`), so a resumed run continues the residuals and the seeds exactly.
+    Loading a checkpoint saved without ``--tied-embedding-compression`` then fails in ``dist_checkpointing`` on the
+    missing key (add the flag only to a fresh run). The legacy ``torch`` format does not carry it.
+    """
+    original_sharded, original_load = optimizer.sharded_state_dict, optimizer.load_state_dict
+
+    def sharded_state_dict(model_sharded_state_dict, is_loading=False, **kwargs):
+        out = original_sharded(model_sharded_state_dict, is_loading, **kwargs)
+        out[SHARDED_KEY] = tied_embedding_state().sharded_state_dict()
+        return out
+
+    def load_state_dict(state_dict):
+        if isinstance(state_dict, dict) and SHARDED_KEY in state_dict:
+            state_dict = dict(state_dict)
+            tied_embedding_state().load_state_dict(state_dict.pop(SHARDED_KEY))
+        return original_load(state_dict)
+
+    optimizer.sharded_state_dict = sharded_state_dict
+    optimizer.load_state_dict = load_state_dict
 
 
 class _FinalizeModelGrads:

@@ -28,7 +28,8 @@ before its all-reduce. Every private name and signature used here is pinned by t
 
 State: the EF residual (fp32, this rank's own) and the transfer counter (stochastic-rounding seeds) live in a
 :class:`TiedEmbeddingState` outside the callable, so a new callable (or a resumed run) continues them; its
-``state_dict`` / ``load_state_dict`` carry them through a checkpoint. ``comm_stats()`` counts the bytes per channel.
+``state_dict`` / ``load_state_dict`` carry them through a checkpoint (``sharded_state_dict`` for
+``megatron.core.dist_checkpointing``: one object per rank). ``comm_stats()`` counts the bytes per channel.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ __all__ = ["CompressedFinalizeModelGrads", "TiedEmbeddingCompressor", "TiedEmbed
 
 TiedCodecConfig = NoneCodecConfig | TopKCodecConfig | QuantizeCodecConfig
 CHANNEL = "word_embeddings"  # the comm_stats / state key of the tied word-embedding gradient
+SHARDED_KEY = "distlion.tied_embedding_compression.state"  # dist_checkpointing key of TiedEmbeddingState
 _FEEDBACK = ("none", "ef")
 _CONFIG_CLASSES: dict[str, type[BaseModel]] = {c.model_fields["method"].default: c
                                                for c in (NoneCodecConfig, TopKCodecConfig, QuantizeCodecConfig)}
@@ -178,6 +180,23 @@ class TiedEmbeddingState:
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": {k: v.detach().cpu().clone() for k, v in sorted(self.residuals.items())},
                 "transfers": dict(sorted(self.transfers.items()))}
+
+    def sharded_state_dict(self, key: str = SHARDED_KEY):
+        """This rank's state as a ``megatron.core.dist_checkpointing`` ``ShardedObject`` (one shard per global rank:
+        every rank saves and loads its own; loading needs the same world size, else dist_checkpointing refuses the
+        global shape).
+
+        Args:
+            key: the checkpoint key.
+
+        Returns:
+            The ``ShardedObject``; after ``dist_checkpointing.load`` its place in the returned dict holds the saved
+            state, to hand to :meth:`load_state_dict`.
+        """
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        return ShardedObject(key, self.state_dict(), (world,), (rank,), replica_id=0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unknown = set(state) - {"residuals", "transfers"}
