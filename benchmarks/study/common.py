@@ -127,11 +127,15 @@ SEEDS = (0, 1)
 
 # The demo-scale sweep: lr x wd for the demo's methods and local D-Lion, seed 0, 300 steps. The demo's own
 # weight decay comes first. Local D-Lion uses H=10, not 8: 10 divides the demo's 300 steps and its validation
-# cadence, so the replicas are identical where the loss is measured.
+# cadence, so the replicas are identical where the loss is measured. Its outer lr moves every weight by +-lr once
+# per round, so the grid reaches H x the inner AdamW lr (the most an inner run could drift in a round). DiLoCo at
+# the same H on the same tokens gives the local-steps comparison at this scale too.
 DEMO_GRID = {
     "adamw": ([1e-3, 2e-3, 4e-3, 8e-3], [0.1, 0.0]),
     "lion": ([2e-4, 4e-4, 8e-4, 1.6e-3], [0.5, 0.1]),
     "dlion_mavo": ([2e-4, 4e-4, 8e-4, 1.6e-3], [0.5, 0.1]),
     "dlion_avg": ([2e-4, 4e-4, 8e-4, 1.6e-3], [0.5, 0.1]),
-    "local_dlion_H10": ([1e-3, 2e-3, 4e-3, 8e-3], [0.1]),
+    "local_dlion_H10": ([1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2], [0.1]),
+    "diloco_fp32_H10": ([0.4, 0.7, 1.0], [0.1]),
+    "diloco_int8_H10": ([0.7], [0.1]),
 }

@@ -204,13 +204,14 @@ def plots(rows: list[dict], docs: pathlib.Path) -> list[pathlib.Path]:
 
 def demo_section(results: list[dict]) -> str:
     suite = SUITES["demo"]
+    width = max(len(lrs) for lrs, _ in DEMO_GRID.values())
     lines = [f"Scale: the demo's own (`distlion_ds/demo.py` defaults): GPT hidden {suite.hidden_size}, "
              f"{suite.num_layers} layers, {suite.seq_length}-token sequences, {suite.workers} workers x "
              f"{suite.micro_batch} sequences, {suite.steps} steps, warm-up + cosine, seed 0, validation on "
              f"{suite.valid_samples} held-out sequences. Reproduce: `python -m benchmarks.study.plan --suite demo "
              "--budget-minutes 60`, then `python -m benchmarks.study.report`.", "",
-             "| method | weight decay | " + " | ".join(f"lr #{i + 1}" for i in range(4)) + " | best (lr, wd) |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | weight decay | " + " | ".join(f"lr #{i + 1}" for i in range(width)) + " | best (lr, wd) |",
+             "|---|---|" + "---|" * width + "---|"]
     for m, (lrs, wds) in DEMO_GRID.items():
         runs = [r for r in results if r["method"] == m]
         best = min(runs, key=lambda r: r["final_val_loss"]) if runs else None
@@ -219,7 +220,7 @@ def demo_section(results: list[dict]) -> str:
             for lr in lrs:
                 hit = [r for r in runs if math.isclose(r["lr"], lr) and math.isclose(r["wd"], wd)]
                 cells.append(f"{lr:g}: {hit[0]['final_val_loss']:.4f}" if hit else f"{lr:g}: —")
-            cells += [""] * (4 - len(cells))
+            cells += [""] * (width - len(cells))
             tag = (f"**{best['final_val_loss']:.4f}** at lr {best['lr']:g}, wd {best['wd']:g}"
                    if best and wd == wds[0] else "")
             lines.append(f"| {m} | {wd:g} | " + " | ".join(cells) + f" | {tag} |")
