@@ -12,7 +12,8 @@ DistributedDataParallel, trained through megatron-core's 1F1B schedule with ``co
 - the state store: a new callable given the old one's state (or its ``state_dict`` after a round trip) continues
   bit for bit, stochastic rounding included; ``dist_checkpointing`` save / load gives each rank its own residual
   back; a state of another shape is refused;
-- the ranks refuse a disagreeing config.
+- the ranks refuse a disagreeing config;
+- the interleaved schedule (pp=2 x vp=2), where the copies live on different model chunks of the two ranks.
 
 Single-process tests pin every megatron-core private name the seam relies on, and the config errors.
 """
@@ -175,7 +176,7 @@ def _topk_bytes(numel: int, ratio: float, itemsize: int) -> int:
 # ------------------------------------------------------------------------------------------------ spawned run
 
 
-def _build(pp: int):
+def _build(pp: int, vp: int = 1):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -184,17 +185,23 @@ def _build(pp: int):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     ps.destroy_model_parallel()
-    ps.initialize_model_parallel(pipeline_model_parallel_size=pp)
+    ps.initialize_model_parallel(pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vp if vp > 1 else None)
     model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
-    cfg = TransformerConfig(num_layers=pp, hidden_size=HIDDEN, num_attention_heads=4, use_cpu_initialization=True,
-                            pipeline_dtype=torch.float32, pipeline_model_parallel_size=pp,
+    cfg = TransformerConfig(num_layers=pp * vp, hidden_size=HIDDEN, num_attention_heads=4,
+                            use_cpu_initialization=True, pipeline_dtype=torch.float32, pipeline_model_parallel_size=pp,
+                            virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
                             hidden_dropout=0.0, attention_dropout=0.0)
-    model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
-                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                     share_embeddings_and_output_weights=True)
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    return cfg, [ddp]
+    chunks = []
+    for v in range(vp):
+        model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+                         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=v),
+                         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=v),
+                         share_embeddings_and_output_weights=True, vp_stage=v)
+        chunks.append(DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model,
+                                              disable_bucketing=v > 0))
+    return cfg, chunks
 
 
 def _batches(step: int) -> list[dict]:
@@ -223,7 +230,8 @@ def _run_step(cfg, chunks, step: int, finalize):
     for c in chunks:
         c.zero_grad_buffer()
     cfg.finalize_model_grads_func = finalize
-    get_forward_backward_func()(forward_step_func=_forward_step, data_iterator=iter(_batches(step)), model=chunks,
+    data = [iter(_batches(step)) for _ in chunks] if len(chunks) > 1 else iter(_batches(step))  # one per chunk
+    get_forward_backward_func()(forward_step_func=_forward_step, data_iterator=data, model=chunks,
                                 num_microbatches=N_MICRO, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
 
 
@@ -235,7 +243,12 @@ def _sgd(chunks) -> None:
 
 
 def _tied_weight(chunks):
-    return chunks[0].module.shared_embedding_or_output_weight()
+    """The copy this rank holds: the input embedding (first stage, first chunk) or the output layer (last stage,
+    last chunk), as megatron-core's finalize_model_grads picks it."""
+    from megatron.core import parallel_state as ps
+
+    chunk = chunks[0] if ps.is_pipeline_first_stage(ignore_virtual=True) else chunks[-1]
+    return chunk.module.shared_embedding_or_output_weight()
 
 
 def _gather(t: torch.Tensor, group) -> list[torch.Tensor]:
@@ -405,6 +418,23 @@ def _worker(rank: int, world: int, ckpt_dir: str) -> None:
         assert "disagrees on config" in str(e) and "group rank 1" in str(e), e
     else:
         raise AssertionError("a disagreeing config was not refused")
+
+    # --- 6. interleaved schedule (pp=2 x vp=2): the copies sit on chunk 0 of the first rank and chunk 1 of the
+    # last; method none == megatron-core's all-reduce, and compressed + EF keeps the copies identical.
+    cfg, chunks = _build(pp=2, vp=2)
+    group = ps.get_embedding_group()
+    weight = _tied_weight(chunks)
+    _run_step(cfg, chunks, 40, megatron_finalize)
+    theirs = weight.main_grad.clone()
+    _run_step(cfg, chunks, 40, finalize_model_grads_with({"method": "none"}))
+    assert torch.equal(weight.main_grad.view(torch.int32), theirs.view(torch.int32))
+    fin = CompressedFinalizeModelGrads({"method": "topk", "ratio": 0.05, "feedback": "ef"})
+    for step in range(2):
+        _run_step(cfg, chunks, 41 + step, fin)
+        _sgd(chunks)
+        copies = _gather(weight.detach(), group)
+        assert torch.equal(copies[0], copies[1]), f"interleaved: tied copies differ after step {step}"
+    assert fin.comm_stats()["word_embeddings"]["transfers"] == 2
     ps.destroy_model_parallel()
 
 
