@@ -47,7 +47,8 @@ parses them is right; without any of our flags each wrapper calls the original u
 
 The EF residual of the tied-embedding compression lives in :func:`tied_embedding_state` for the whole run; with
 ``--ckpt-format torch_dist`` Megatron-LM's checkpoint carries it (the optimizer's ``sharded_state_dict`` /
-``load_state_dict`` add and take it, one object per rank), so a resumed run continues it exactly.
+``load_state_dict`` add and take it, one object per rank; tested as a save -> load round trip of model and optimizer,
+not as a full Megatron-LM resume). The legacy ``torch`` checkpoint format does not carry it.
 """
 
 from __future__ import annotations
