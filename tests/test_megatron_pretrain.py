@@ -1,9 +1,11 @@
 """``python -m distlion_ds.megatron.pretrain_gpt`` and its launch scripts, end to end on CPU / gloo.
 
 One 4-process spawn (pp=2 x dp=2) runs several trainings through ``main()`` in-process (imports are paid once,
-DESIGN section 4): D-Lion + TopK p2p, AdamW with the explicit DP all-reduce, the interleaved schedule with EF, and
-the resume check (2k iterations == k + save + load + k, bit for bit, with D-Lion momentum per DP rank, dropout RNG,
-the LR schedule and AQ-SGD buffers across an epoch boundary). The launch scripts run under torchrun as users run
+DESIGN section 4), all on megatron-core's DDP, schedules, finalize_model_grads and dist_checkpointing: D-Lion + TopK
+p2p (zero DP gradient bytes), AdamW through megatron-core's own optimizer, the interleaved schedule with EF, overlapped
+DDP hooks and compressed tied embeddings, and the resume checks (2k iterations == k + save + load + k, bit for bit:
+every tensor of the checkpoint, D-Lion momentum per DP rank, dropout RNG, the LR schedule, AQ-SGD buffers across an
+epoch boundary, the tied-embedding EF residual; AdamW too). The launch scripts run under torchrun as users run
 them: ``launch/megatron_gpt.sh`` (pp=2) and ``launch/3d_gpt.sh`` (tp=2 x pp=2 x dp=2, 8 processes, STEPS=2).
 Argument errors are checked in-process. Data: a 25-file slice of the stdlib, 512-piece tokenizer (~5 s to prepare).
 """
@@ -19,7 +21,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from _dist import free_port, spawn
@@ -48,6 +49,9 @@ def _script_env() -> dict:
 # ----------------------------------------------------------------------------------------------- pp=2 x dp=2
 
 
+TIED_EF = '{"method": "quantize", "bits": 8, "block_size": 256, "feedback": "ef"}'
+
+
 def _pp2_dp2_worker(rank: int, world: int, data: str, out: str) -> None:
     import distlion_ds.kernels._dispatch as dispatch
     from distlion_ds.megatron import pretrain_gpt
@@ -63,19 +67,28 @@ def _pp2_dp2_worker(rank: int, world: int, data: str, out: str) -> None:
     run("dlion_topk", "--optimizer", "distlion", "--lr", "3e-3", "--min-lr", "3e-4", "--train-iters", "6",
         "--p2p-compression", str(CONFIGS / "topk10_q8.json"))
     run("adam", "--optimizer", "adam", "--lr", "3e-3", "--train-iters", "3")
-    run("interleaved", "--optimizer", "distlion", "--train-iters", "2", "--num-layers", "4",
-        "--num-layers-per-virtual-pipeline-stage", "1", "--p2p-compression", str(CONFIGS / "topk10_ef_q8.json"))
+    # Interleaved 1F1B, Megatron-LM's spelling of D-Lion, overlapped DDP hooks, compressed tied embeddings.
+    run("interleaved", "--distlion", "--dlion-aggregation", "avg", "--train-iters", "2", "--num-layers", "4",
+        "--num-layers-per-virtual-pipeline-stage", "1", "--p2p-compression", str(CONFIGS / "topk10_ef_q8.json"),
+        "--overlap-grad-reduce", "--clip-grad", "0", "--tied-embedding-compression", TIED_EF)
 
     # Resume: AQ-SGD epochs of 2 iterations (16 samples), so the resumed half sends deltas against buffers that
-    # only the checkpoint holds; dropout on (RNG state), warm-up + cosine (scheduler state).
+    # only the checkpoint holds; dropout on (RNG state), warm-up + cosine (scheduler state), the tied-embedding EF
+    # residual (side file).
     resume = ["--optimizer", "distlion", "--lr", "3e-3", "--lr-warmup-iters", "1", "--train-iters", "4",
-              "--eval-interval", "2", "--epoch-samples", "16", "--p2p-compression", str(CONFIGS / "aqsgd_q4_cpu.json")]
+              "--eval-interval", "2", "--epoch-samples", "16", "--p2p-compression", str(CONFIGS / "aqsgd_q4_cpu.json"),
+              "--tied-embedding-compression", TIED_EF]
     run("full", *resume, "--save", str(out_dir / "ckpt_full"))
     run("part1", *resume, "--exit-interval", "2", "--save", str(out_dir / "ckpt_part"))
     run("part2", *resume, "--load", str(out_dir / "ckpt_part"), "--save", str(out_dir / "ckpt_part"))
     with pytest.raises(ValueError, match="saved with"):  # every rank refuses, so no collective is left waiting
         pretrain_gpt.main([*common, *resume, "--optimizer", "adam", "--load", str(out_dir / "ckpt_part"),
                            "--out", str(out_dir / "refused")])
+    # AdamW (megatron-core's own optimizer and its sharded state) resumes exactly too.
+    adam = ["--optimizer", "adam", "--lr", "3e-3", "--train-iters", "3", "--eval-iters", "0"]
+    run("adam_full", *adam, "--save", str(out_dir / "ckpt_adam_full"))
+    run("adam_part1", *adam, "--exit-interval", "1", "--save", str(out_dir / "ckpt_adam"))
+    run("adam_part2", *adam, "--load", str(out_dir / "ckpt_adam"), "--save", str(out_dir / "ckpt_adam"))
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +108,10 @@ def _check_common(s: dict, tp: int, pp: int, dp: int, steps: int) -> None:
     assert s["skipped_steps"] == 0
 
 
+def _ring(numel: int, n: int) -> int:
+    return 2 * (n - 1) * numel * 4 // n
+
+
 @pytest.mark.slow
 def test_pp2_dp2_training(pp2_dp2):
     s = _summary(pp2_dp2 / "dlion_topk")
@@ -107,60 +124,55 @@ def test_pp2_dp2_training(pp2_dp2):
     assert 1.0 <= w["dlion"]["bits_per_param_step"] < 1.05, w["dlion"]
     assert w["p2p_activations"]["bytes_per_element"] < 0.6  # TopK 10 %: values + indices + header, vs 4 (fp32)
     assert 1.0 < w["p2p_gradients"]["bytes_per_element"] < 1.1  # 8-bit codes + block scales
-    assert w["embedding_allreduce"] > 0 and w["dp_allreduce"] is None
+    # No fp32 gradient byte on the DP group with D-Lion; megatron-core's fp32 tied-embedding all-reduce: a ring
+    # over the 2 ends (vocab 512 x hidden 32) per iteration on each of the 4 ranks holding a copy.
+    assert w["dp_allreduce"] == 0
+    assert w["embedding_allreduce"] == 4 * 6 * _ring(512 * 32, 2) and w["embedding_allreduce_compressed"] is False
 
     a = _summary(pp2_dp2 / "adam")
     _check_common(a, 1, 2, 2, 3)
-    assert a["tied_embeddings_identical"] is True and a["losses"][-1] < a["losses"][0]
+    assert a["optimizer"] == "adam" and a["tied_embeddings_identical"] is True and a["losses"][-1] < a["losses"][0]
     assert a["wire"]["dlion"] is None and a["wire"]["dp_allreduce"] > 0 and a["wire"]["p2p_activations"] is None
+    # megatron-core's DDP all-reduces every gradient bucket in fp32: at least the model's parameters, per rank
+    assert a["wire"]["dp_allreduce"] >= 3 * _ring(a["params"], 2), (a["wire"], a["params"])
 
     i = _summary(pp2_dp2 / "interleaved")
     _check_common(i, 1, 2, 2, 2)
-    assert i["vp"] == 2 and i["tied_embeddings_identical"] is True
-
-
-def _flatten(obj, prefix=""):
-    if isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from _flatten(obj[k], f"{prefix}/{k}")
-    elif isinstance(obj, list | tuple):
-        for n, v in enumerate(obj):
-            yield from _flatten(v, f"{prefix}/{n}")
-    else:
-        yield prefix, obj
-
-
-def _assert_same(a, b, what: str) -> None:
-    fa, fb = dict(_flatten(a)), dict(_flatten(b))
-    assert fa.keys() == fb.keys(), what
-    for k, va in fa.items():
-        vb = fb[k]
-        if torch.is_tensor(va):
-            assert torch.equal(va, vb), f"{what}: {k} differs"
-        elif isinstance(va, np.ndarray):  # numpy's RNG state
-            assert np.array_equal(va, vb), f"{what}: {k} differs"
-        else:
-            assert va == vb, f"{what}: {k}: {va!r} != {vb!r}"
+    assert i["vp"] == 2 and i["tied_embeddings_identical"] is True and i["aggregation"] == "avg"
+    assert i["overlap_grad_reduce"] is True and i["wire"]["embedding_allreduce_compressed"] is True
+    # 8-bit codes + one fp32 scale per 256: (512 x 32) x (1 + 4/256) B per payload, to the 1 other end, 2 iterations
+    # on 4 ranks; against the fp32 ring (4 B/element).
+    assert i["wire"]["embedding_allreduce"] == pytest.approx(4 * 2 * 512 * 32 * (1 + 4 / 256), rel=0.01)
 
 
 @pytest.mark.slow
-def test_resume_is_exact(pp2_dp2):
+def test_resume_is_exact(pp2_dp2, tmp_path):
+    from _mcore_ckpt import assert_same, contents
+
     full, p1, p2 = (_summary(pp2_dp2 / n) for n in ("full", "part1", "part2"))
     assert full["losses"][:2] == p1["losses"] and full["losses"][2:] == p2["losses"], (full, p1, p2)
     assert p2["start_iteration"] == 2 and p2["end_iteration"] == 4
     assert full["eval"] == p1["eval"] + p2["eval"]
-    files = sorted((pp2_dp2 / "ckpt_full" / "iter_0000004").glob("*.pt"))
-    assert len(files) == 4  # one per rank: D-Lion momentum is per DP rank
-    for f in files:
-        a = torch.load(f, weights_only=False)
-        b = torch.load(pp2_dp2 / "ckpt_part" / "iter_0000004" / f.name, weights_only=False)
-        for key in ("model", "optimizer", "scheduler", "p2p", "rng", "iteration"):
-            _assert_same(a[key], b[key], f"{f.name} {key}")
+    a = contents(pp2_dp2 / "ckpt_full" / "iter_0000004", tmp_path / "a.pt")
+    b = contents(pp2_dp2 / "ckpt_part" / "iter_0000004", tmp_path / "b.pt")
+    # one side file per rank (RNG, p2p and tied-embedding compression state); D-Lion momentum per DP rank
+    assert sorted(k for k in a if k.startswith("rank_state/")) == [
+        f"rank_state/mp_rank_00_{pp:03d}_dp{dp:03d}.pt" for pp in (0, 1) for dp in (0, 1)]
+    assert any(k.startswith("dcp/optimizer.distlion.exp_avg_per_dp_rank.") and v.shape[0] == 2
+               for k, v in a.items() if torch.is_tensor(v))
+    assert all(a[k]["tied"]["residuals"] for k in a if k.startswith("rank_state/")), "no tied-embedding EF state"
+    assert_same(a, b, "iteration 4", skip=("_extra_state",))
     # AQ-SGD: the first epoch crosses the cut in full (fp32, > 4 B/element), the resumed second epoch as 4-bit
     # deltas (~0.53); each half also holds one evaluation, sent 4-bit ("inference": "compressed"), which pulls
     # the first half's average down to ~2.9.
     warm, delta = p1["wire"]["p2p_activations"], p2["wire"]["p2p_activations"]
     assert warm["bytes_per_element"] > 2.0 and delta["bytes_per_element"] < 0.6, (warm, delta)
+
+    af, a1, a2 = (_summary(pp2_dp2 / n) for n in ("adam_full", "adam_part1", "adam_part2"))
+    assert af["losses"] == a1["losses"] + a2["losses"], (af, a1, a2)
+    assert_same(contents(pp2_dp2 / "ckpt_adam_full" / "iter_0000003", tmp_path / "c.pt"),
+                contents(pp2_dp2 / "ckpt_adam" / "iter_0000003", tmp_path / "d.pt"), "adam iteration 3",
+                skip=("_extra_state",))
 
 
 # ----------------------------------------------------------------------------------------------- launch scripts
@@ -221,6 +233,12 @@ def _args(*extra: str):
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size >= 2"),
     (["--epoch-samples", "10", "--global-batch-size", "4"], 2, "--epoch-samples 10"),
     (["--exit-interval", "5"], 1, "exceeds --train-iters"),
+    # the Megatron-LM plugin's combination checks
+    (["--optimizer", "adam", "--dlion-local-steps", "4"], 1, "--dlion-local-steps 4 has no effect without --distlion"),
+    (["--distlion", "--pipeline-model-parallel-size", "2", "--untie-embeddings-and-output-weights",
+      "--tied-embedding-compression", '{"method": "quantize", "bits": 8}'], 2, "there is no tied embedding"),
+    (["--distlion", "--tied-embedding-compression", '{"method": "quantize", "bits": 8}'], 1,
+     "--tied-embedding-compression needs --pipeline-model-parallel-size >= 2"),
 ])
 def test_invalid_combinations(extra, world, message):
     from distlion_ds.megatron.pretrain_gpt import validate_args
@@ -237,9 +255,12 @@ def test_invalid_combinations(extra, world, message):
     (["--lr-warmup-iters", "2"], "--lr-warmup-iters 2 must be below"),
     (["--min-lr", "1", "--lr", "0.1"], "--min-lr 1.0 exceeds"),
     (["--optimizer", "sgd"], "invalid choice"),
-    (["--p2p-compression", "no/such.json"], "--p2p-compression: compression config: 'no/such.json' is neither"),
+    (["--p2p-compression", "no/such.json"], "argument --p2p-compression: --p2p-compression: 'no/such.json' is neither"),
     (["--p2p-compression", '{"activations": {"method": "topk", "ratio": true}}'],
-     "--p2p-compression: invalid compression config: activations.ratio: Input should be a valid number (got True)"),
+     "--p2p-compression.activations.ratio: Input should be a valid number (got True)"),
+    (["--ckpt-format", "torch"], "argument --ckpt-format: invalid choice: 'torch'"),
+    (["--dlion-beta1", "1.0"], "--dlion-beta1 must be in [0, 1)"),
+    (["--dlion-local-steps", "0"], "--dlion-local-steps takes an integer >= 1"),
 ])
 def test_bad_arguments(extra, message, capsys):
     with pytest.raises(SystemExit):
@@ -257,6 +278,10 @@ def test_valid_layouts():
                               "--num-layers-per-virtual-pipeline-stage", "2", "--global-batch-size", "4"), 4)
     assert (lay.dp, lay.vp, lay.num_micro) == (2, 2, 2)
     assert validate_args(_args("--micro-batch-size", "3"), 2).global_batch == 6  # default: micro x dp
+    # --optimizer distlion is this entry's spelling of Megatron-LM's --optimizer adam --distlion
+    assert _args("--optimizer", "distlion").distlion and _args("--distlion").distlion
+    assert _args().distlion and not _args("--optimizer", "adam").distlion  # the entry's default is D-Lion
+    assert _args("--aggregation", "avg").dlion_aggregation == "avg" and _args().dlion_aggregation == "mavo"
 
 
 def test_distributed_timeout(monkeypatch, capsys):

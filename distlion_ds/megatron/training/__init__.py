@@ -1,0 +1,8 @@
+"""The pieces of ``python -m distlion_ds.megatron.pretrain_gpt``, one job per module.
+
+``arguments`` (Megatron-LM flag names, the parallel layout), ``model`` (GPTModel chunks in megatron-core's DDP),
+``optimizer`` (D-Lion through :func:`distlion_ds.megatron.get_optimizer`, or megatron-core's own
+``get_megatron_optimizer``; the LR schedule), ``data`` (micro-batches and the loss), ``checkpointing``
+(``dist_checkpointing`` with a tracker written last), ``summary`` (wire bytes per channel, replica checks,
+``summary.json``). Importing this package imports megatron-core.
+"""
