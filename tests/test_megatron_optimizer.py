@@ -191,7 +191,8 @@ def _checksums(tensors) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------- 3D: oracle bit for bit
-def _worker_3d(rank: int, world: int, tp: int, pp: int) -> None:
+def _case_3d(*, seed: int, clip: float, aggregation: str, ddp_kwargs: dict, steps: int = 3):
+    """Train ``steps`` iterations and hold every step to the oracle; returns (ddp, optimizer)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -199,19 +200,16 @@ def _worker_3d(rank: int, world: int, tp: int, pp: int) -> None:
     from distlion_ds.megatron import get_optimizer
     from distlion_ds.optim.lion import dlion_update_ref
 
-    _init(tp, pp)
     dp = ps.get_data_parallel_world_size()
     dp_rank = ps.get_data_parallel_rank()
-    _, ddp = _build(seed=7, ddp_kwargs={})
-    clip = 0.05  # below the replicas' norms here: clipping is active on every step
-    opt = get_optimizer(_opt_config(clip_grad=clip), [ddp], aggregation="mavo")
+    _, ddp = _build(seed=seed, ddp_kwargs=ddp_kwargs)
+    opt = get_optimizer(_opt_config(clip_grad=clip), [ddp], aggregation=aggregation)
     sched = OptimizerParamScheduler(opt, init_lr=1e-4, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=2,
                                     lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
                                     wd_incr_steps=10, wd_incr_style="constant")
     params = [p for p in ddp.module.parameters() if p.requires_grad]
     decays = _decays(ddp)
     oracle_m = {id(p): [torch.zeros(p.shape, dtype=torch.float32) for _ in range(dp)] for p in params}
-    steps = 3
     with _WireTap(ps.get_data_parallel_group()) as tap:
         for step in range(1, steps + 1):
             _backward(ddp, opt, step)
@@ -225,10 +223,15 @@ def _worker_3d(rank: int, world: int, tp: int, pp: int) -> None:
             success, grad_norm, num_zeros = opt.step()
             tap.active = False
             assert success is True and num_zeros is None
-            assert abs(grad_norm - norm64) <= 1e-5 * norm64, (grad_norm, norm64)
-            assert norm64 > clip  # the coefficient below is < 1: clipping is exercised
-            # The test's clipping from the reported norm (policy: fp32 max / (norm + 1e-6)).
-            coef = torch.tensor(clip, dtype=torch.float32) / (torch.tensor(grad_norm, dtype=torch.float32) + 1e-6)
+            if clip > 0:
+                assert abs(grad_norm - norm64) <= 1e-5 * norm64, (grad_norm, norm64)
+                assert norm64 > clip  # the coefficient below is < 1: clipping is exercised
+                # The test's clipping from the reported norm (policy: fp32 max / (norm + 1e-6)).
+                coef = torch.tensor(clip, dtype=torch.float32) / (torch.tensor(grad_norm, dtype=torch.float32)
+                                                                  + 1e-6)
+            else:
+                assert grad_norm is None
+                coef = torch.ones((), dtype=torch.float32)
             coefs = _dp_all_gather(coef.reshape(1))
             flat = torch.cat([grads[id(p)].reshape(-1) for p in params])
             all_flat = _dp_all_gather(flat)
@@ -241,7 +244,7 @@ def _worker_3d(rank: int, world: int, tp: int, pp: int) -> None:
                                                                                               g["params"])))
                 assert wds[id(p)] == (0.1 if decays[id(p)] else 0.0)
                 new_p, new_ms = dlion_update_ref(before[id(p)], g_all, oracle_m[id(p)], lrs[id(p)], (0.9, 0.99),
-                                                 wds[id(p)], step, "mavo")
+                                                 wds[id(p)], step, aggregation)
                 assert torch.equal(p.detach(), new_p), f"parameter {tuple(p.shape)} differs from the oracle"
                 assert torch.equal(opt.get_momentum(p), new_ms[dp_rank]), "momentum differs from the oracle"
                 oracle_m[id(p)] = new_ms
@@ -269,8 +272,30 @@ def _worker_3d(rank: int, world: int, tp: int, pp: int) -> None:
         assert key in stats, key
     assert stats["dp_grad_bytes_sent"] == 0 and stats["steps"] == steps and stats["skipped_steps"] == 0
     assert stats["bytes_sent"] > 0 and stats["world_size"] == dp
-    # 1-bit MaVo: (1 + 1)(N-1)/N bits per parameter plus padding and one flag byte per chunk.
+    # (1 + b)(N-1)/N bits per parameter (b = 1 for both at N = 2) plus padding and one flag byte per chunk.
     assert 1.0 <= stats["bits_per_param_step"] <= 1.0 + 2.0 * 8 * 1024 / stats["params"], stats
+    return ddp, opt
+
+
+def _worker_3d(rank: int, world: int, tp: int, pp: int) -> None:
+    from megatron.core import parallel_state as ps
+
+    _init(tp, pp)
+    # Serialized, clipping active on every step, MaVo.
+    _case_3d(seed=7, clip=0.05, aggregation="mavo", ddp_kwargs={})
+    # overlap_grad_reduce with small buckets, Avg: stage 0's buckets leave during the backward, except those
+    # holding the tied or position embeddings (finalize_model_grads changes them afterwards) and the last one.
+    ddp, opt = _case_3d(seed=8, clip=0.0, aggregation="avg", ddp_kwargs=dict(overlap_grad_reduce=True,
+                                                                               bucket_size=200))
+    buckets = [b for bg in ddp.bucket_groups for b in bg.buckets]
+    pos = getattr(getattr(getattr(ddp.module, "embedding", None), "position_embeddings", None), "weight", None)
+    late = [any(getattr(p, "shared_embedding", False) or getattr(p, "is_embedding_or_output_parameter", False)
+                or p is pos for p in b.params_list) for b in buckets]
+    expected = 2 * sum(not lt for lt in late[:-1])  # iterations 2 and 3 (the first has no golden counts)
+    info = (len(buckets), late, opt.comm_stats()["early_buckets"])
+    assert opt.comm_stats()["early_buckets"] == expected, info
+    if ps.get_pipeline_model_parallel_rank() == 0:  # megatron buckets only the first stage
+        assert len(buckets) >= 4 and any(late) and expected > 0, info
 
 
 def test_3d_tp2_pp2_dp2_equals_oracle():
