@@ -360,6 +360,15 @@ def _worker_paths(rank: int, world: int) -> None:
     assert opt_a.comm_stats()["bytes_sent"] == 3 * wire(ddp_a), (opt_a.comm_stats(), wire(ddp_a))
     assert opt_b.comm_stats()["bytes_sent"] == 3 * wire(ddp_b), (opt_b.comm_stats(), wire(ddp_b))
 
+    # Clipping needs every bucket's gradient before any vote: with clip_grad > 0 nothing leaves during the backward
+    # (the result is the serialized one).
+    _, ddp_d = _build(seed=11, ddp_kwargs=dict(overlap_grad_reduce=True, bucket_size=300))
+    opt_d = get_optimizer(_opt_config(clip_grad=0.01), [ddp_d])
+    for step in (1, 2):
+        _backward(ddp_d, opt_d, step)
+        assert opt_d.step()[0] is True
+    assert opt_d.comm_stats()["early_buckets"] == 0
+
     # Non-finite gradient on one rank: every rank skips, nothing moves, the skip is counted; then training goes on.
     _backward(ddp_b, opt_b, 4)
     if rank == 1:
@@ -517,3 +526,79 @@ def test_dist_checkpointing_resume_bit_exact_bf16_and_dp_size_policy(tmp_path):
     DP size is refused naming both sizes."""
     (tmp_path / "ckpt").mkdir()
     spawn(_worker_ckpt, 2, str(tmp_path / "ckpt"))
+
+
+# --------------------------------------------------------------------------------------------- policy (no spawn)
+def test_policy_norm_clip_flags_and_rules(caplog):
+    """The step policy of distlion_ds.optim.policy, each rule against an independent computation."""
+    from distlion_ds.optim import policy
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(37, generator=g), torch.randn(4, 5, generator=g) * 3, torch.randn(9, generator=g).bfloat16()]
+    exact = math.sqrt(sum(float(x.double().pow(2).sum()) for x in grads))
+    sq = policy.replica_sq_norm(grads, torch.device("cpu"))
+    assert sq.dtype == torch.float32 and sq.dim() == 0
+    assert abs(math.sqrt(float(sq)) - exact) <= 1e-6 * exact
+    calls = []
+
+    def mp_sum(t):  # stands for the model-parallel all-reduce: another rank holding 5.0 of squared norm
+        calls.append(t.clone())
+        t.add_(5.0)
+
+    norm = policy.replica_grad_norm(grads, torch.device("cpu"), mp_sum)
+    assert len(calls) == 1 and torch.equal(calls[0], sq)
+    assert torch.equal(norm, (sq + 5.0).sqrt())
+    assert torch.equal(policy.replica_grad_norm(grads, torch.device("cpu")), sq.sqrt())
+
+    # Clip coefficient: exactly 1 at or below the limit and for non-finite norms; max / (norm + 1e-6) in fp32 above.
+    one = torch.ones((), dtype=torch.float32)
+    for n in (0.0, 0.5, 1.0, float("inf"), float("nan")):
+        assert torch.equal(policy.clip_coefficient(torch.tensor(n), 1.0), one), n
+    above = torch.tensor(4.0)
+    assert torch.equal(policy.clip_coefficient(above, 1.0),
+                       torch.tensor(1.0, dtype=torch.float32) / (above + torch.tensor(1e-6, dtype=torch.float32)))
+    with pytest.raises(ValueError, match="max_norm=0"):
+        policy.clip_coefficient(above, 0.0)
+    # A coefficient of 1 leaves every bit (bf16 and fp32, NaN payloads aside) unchanged; 0.5 halves exactly.
+    before = [x.clone() for x in grads]
+    policy.clip_grads_(grads, one)
+    assert all(torch.equal(a, b) for a, b in zip(grads, before, strict=True))
+    policy.clip_grads_(grads, torch.tensor(0.5))
+    assert all(torch.equal(a, (b.float() * 0.5).to(b.dtype)) for a, b in zip(grads, before, strict=True))
+
+    # Non-finite flag: from the norm, from a local flag, or both.
+    flag = policy.nonfinite_flag(torch.tensor(float("nan")), None)
+    assert flag.dtype == torch.int32 and flag.tolist() == [1]
+    assert policy.nonfinite_flag(torch.tensor(2.0), torch.zeros(1, dtype=torch.int32)).tolist() == [0]
+    assert policy.nonfinite_flag(torch.tensor(2.0), torch.ones(1, dtype=torch.int32)).tolist() == [1]
+    assert policy.nonfinite_flag(None, torch.tensor([3], dtype=torch.int32)).tolist() == [1]
+    with pytest.raises(ValueError, match="norm or a local flag"):
+        policy.nonfinite_flag(None, None)
+
+    # Replica-check cadence and skip counting.
+    assert [t for t in range(1, 301) if policy.replica_check_due(t, 100)] == [100, 200, 300]
+    assert not any(policy.replica_check_due(t, 0) for t in range(1, 10))
+    counter = policy.SkipCounter("Owner")
+    with caplog.at_level("WARNING"):
+        counter.record(7)
+        counter.record(9)
+    assert counter.skipped == 2 and "at step 9" in caplog.text and "(2 skipped so far)" in caplog.text
+    with pytest.raises(FloatingPointError, match="Owner: a non-finite gradient .* at step 3"):
+        policy.SkipCounter("Owner", raise_on_nonfinite=True).record(3)
+
+    # Momentum checkpoint rule: another data-parallel size is refused naming both.
+    policy.check_data_parallel_size(4, 4)
+    with pytest.raises(ValueError, match=r"data_parallel_size=4 ranks .* data_parallel_size=2"):
+        policy.check_data_parallel_size(4, 2)
+
+
+def test_get_optimizer_refuses_before_any_process_group():
+    """Arguments that need no model are checked first, naming the argument (no process group is touched)."""
+    from distlion_ds.megatron import get_optimizer
+
+    with pytest.raises(ValueError, match="aggregation='majority'"):
+        get_optimizer(_opt_config(), [object()], aggregation="majority")
+    with pytest.raises(ValueError, match="model_chunks=None"):
+        get_optimizer(_opt_config(), None)
+    with pytest.raises(ValueError, match="is not megatron.core.distributed.DistributedDataParallel"):
+        get_optimizer(_opt_config(), [torch.nn.Linear(2, 2)])
