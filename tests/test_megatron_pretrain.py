@@ -5,8 +5,9 @@ DESIGN section 4), all on megatron-core's DDP, schedules, finalize_model_grads a
 p2p (zero DP gradient bytes), AdamW through megatron-core's own optimizer, the interleaved schedule with EF, overlapped
 DDP hooks and compressed tied embeddings, and the resume checks (2k iterations == k + save + load + k, bit for bit:
 every tensor of the checkpoint, D-Lion momentum per DP rank, dropout RNG, the LR schedule, AQ-SGD buffers across an
-epoch boundary, the tied-embedding EF residual; AdamW too). The launch scripts run under torchrun as users run
-them: ``launch/megatron_gpt.sh`` (pp=2) and ``launch/3d_gpt.sh`` (tp=2 x pp=2 x dp=2, 8 processes, STEPS=2).
+epoch boundary, the tied-embedding EF residual; AdamW and local-step D-Lion (resumed mid-round) too). The launch
+scripts run under torchrun as users run them: ``launch/megatron_gpt.sh`` (pp=2) and ``launch/3d_gpt.sh`` (tp=2 x
+pp=2 x dp=2, 8 processes, STEPS=2).
 Argument errors are checked in-process. Data: a 25-file slice of the stdlib, 512-piece tokenizer (~5 s to prepare).
 """
 
@@ -89,6 +90,12 @@ def _pp2_dp2_worker(rank: int, world: int, data: str, out: str) -> None:
     run("adam_full", *adam, "--save", str(out_dir / "ckpt_adam_full"))
     run("adam_part1", *adam, "--exit-interval", "1", "--save", str(out_dir / "ckpt_adam"))
     run("adam_part2", *adam, "--load", str(out_dir / "ckpt_adam"), "--save", str(out_dir / "ckpt_adam"))
+    # Local steps (H=2, megatron-core's AdamW inside, 1-bit outer votes), resumed mid-round (after iteration 1).
+    local = ["--distlion", "--dlion-local-steps", "2", "--dlion-outer-lr", "1e-3", "--lr", "3e-3", "--train-iters",
+             "4", "--eval-iters", "0"]
+    run("local_full", *local, "--save", str(out_dir / "ckpt_local_full"))
+    run("local_part1", *local, "--exit-interval", "1", "--save", str(out_dir / "ckpt_local"))
+    run("local_part2", *local, "--load", str(out_dir / "ckpt_local"), "--save", str(out_dir / "ckpt_local"))
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +174,17 @@ def test_resume_is_exact(pp2_dp2, tmp_path):
     # the first half's average down to ~2.9.
     warm, delta = p1["wire"]["p2p_activations"], p2["wire"]["p2p_activations"]
     assert warm["bytes_per_element"] > 2.0 and delta["bytes_per_element"] < 0.6, (warm, delta)
+
+    lf, l1, l2 = (_summary(pp2_dp2 / n) for n in ("local_full", "local_part1", "local_part2"))
+    assert lf["losses"] == l1["losses"] + l2["losses"], (lf, l1, l2)
+    # mid-round (iteration 1 of H=2) the DP replicas differ by design; after the outer step of round 2 they agree
+    assert l1["dp_replicas_identical"] is None and lf["dp_replicas_identical"] is True
+    assert lf["tied_embeddings_identical"] is True and lf["wire"]["dp_allreduce"] == 0
+    # MaVo at N=2: 2 (N-1)/N / H = 0.5 bit per parameter and inner step (+ bucket padding)
+    assert 0.5 <= lf["wire"]["dlion"]["bits_per_param_step"] < 0.53 and lf["wire"]["dlion"]["local_steps"] == 2
+    assert_same(contents(pp2_dp2 / "ckpt_local_full" / "iter_0000004", tmp_path / "e.pt"),
+                contents(pp2_dp2 / "ckpt_local" / "iter_0000004", tmp_path / "f.pt"), "local steps iteration 4",
+                skip=("_extra_state",))
 
     af, a1, a2 = (_summary(pp2_dp2 / n) for n in ("adam_full", "adam_part1", "adam_part2"))
     assert af["losses"] == a1["losses"] + a2["losses"], (af, a1, a2)

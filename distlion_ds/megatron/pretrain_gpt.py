@@ -120,6 +120,7 @@ def _run(args, layout: A.Layout) -> int:
     config, chunks = build_model(args, layout, padded_vocab(meta["tokenizer_pieces"], layout.tp), finalize)
     opt, sched = build_optimizer(args, chunks)
     params = [p for c in chunks for p in c.parameters() if p.requires_grad]
+    local = args.distlion and args.dlion_local_steps > 1
 
     comm = compression = None
     comm_kw: dict = {}
@@ -146,6 +147,10 @@ def _run(args, layout: A.Layout) -> int:
             comm.load_state_dict(side["p2p"])
         if tied_state is not None and side["tied"] is not None:
             tied_state.load_state_dict(side["tied"])
+        if local:  # mid-round every DP rank's weights and optimizer state are its own
+            for c, sd in zip(chunks, side["local"]["model"], strict=True):
+                c.module.load_state_dict(sd)
+            opt.load_state_dict(side["local"]["optimizer"])
         ckpt.set_rng_state(side["rng"])  # last: building the model consumed the generators
     # Collective: megatron-core's builder builds the sample index on rank 0 first; all ranks open it.
     epoch_len = args.epoch_samples or args.train_iters * layout.global_batch
@@ -191,7 +196,9 @@ def _run(args, layout: A.Layout) -> int:
 
     def save(iteration: int) -> None:
         side = {"rng": ckpt.rng_state(), "p2p": comm.state_dict() if comm is not None else None,
-                "tied": tied_state.state_dict() if tied_state is not None else None}
+                "tied": tied_state.state_dict() if tied_state is not None else None,
+                "local": {"model": [c.module.state_dict() for c in chunks], "optimizer": opt.state_dict()}
+                if local else None}
         ckpt.save_checkpoint(args.save, iteration, chunks=chunks, opt=opt, sched=sched, rank_state=side,
                              ranks=ranks, common={"skipped_steps": skipped, "layout": A.layout_key(args, layout)})
 
@@ -237,17 +244,18 @@ def _run(args, layout: A.Layout) -> int:
     stats = opt.comm_stats() if args.distlion else None
     record = {
         "rank": rank, **ranks, "pp_last": pp_last, "losses": losses, "evals": evals,
-        "dp_ok": S.identical(params, dp_group),
+        # local steps: replicas are identical after an outer step only
+        "dp_ok": S.identical(params, dp_group) if not local or end % args.dlion_local_steps == 0 else None,
         "tp_ok": S.identical([p for p in params if not getattr(p, "tensor_model_parallel", False)], tp_group),
         "tied_ok": S.identical([tied], embd_group) if tied is not None else None,
         "params": sum(p.numel() for p in params if not getattr(p, "shared", False)
                       and (getattr(p, "tensor_model_parallel", False) or ranks["tp"] == 0)) if ranks["dp"] == 0 else 0,
         "dlion": stats["bytes_sent"] if stats else None, "dlion_bits": stats["bits_per_param_step"] if stats else None,
-        "early_buckets": stats["early_buckets"] if stats else None,
+        "early_buckets": stats.get("early_buckets", 0) if stats else None,
         "p2p": S.p2p_delta(comm.comm_stats(), p2p_start) if comm is not None else None,
         "embedding_allreduce": (finalize.comm_stats()["bytes_sent"] if tied_state is not None
                                 else wire["embedding_allreduce"]),
-        "dp_allreduce": stats["dp_grad_bytes_sent"] if stats else wire["dp_allreduce"],
+        "dp_allreduce": stats.get("dp_grad_bytes_sent", 0) if stats else wire["dp_allreduce"],
     }
     records = S.gather_records(record)
     if rank == 0:

@@ -66,6 +66,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--dlion-intra-node-size", type=int, default=1,
                    help="hierarchical D-Lion (plain PyTorch / DeepSpeed); the megatron-core optimizer votes flat: "
                         "only 1 runs here")
+    g.add_argument("--dlion-outer-lr", type=float, default=None,
+                   help="--dlion-local-steps > 1: the outer D-Lion learning rate (default: --lr, which drives the "
+                        "inner AdamW)")
+    g.add_argument("--dlion-outer-weight-decay", type=float, default=0.0,
+                   help="--dlion-local-steps > 1: the outer step's decoupled weight decay")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -144,6 +149,10 @@ def parse_args(argv: list[str] | None = None, description: str = "GPT pretrainin
     if args.lr_warmup_iters >= (args.lr_decay_iters or args.train_iters):
         ap.error(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay iterations "
                  f"({args.lr_decay_iters or args.train_iters})")
+    if args.dlion_outer_lr is not None and not args.dlion_outer_lr > 0:
+        ap.error(f"--dlion-outer-lr must be > 0, got {args.dlion_outer_lr}")
+    if not args.dlion_outer_weight_decay >= 0:
+        ap.error(f"--dlion-outer-weight-decay must be >= 0, got {args.dlion_outer_weight_decay}")
     if args.save_interval and not args.save:
         ap.error("--save-interval needs --save")
     return args
@@ -239,5 +248,6 @@ def init_distributed(timeout_minutes: float) -> bool:
 def layout_key(args: argparse.Namespace, layout: Layout) -> dict:
     """What a checkpoint must match to be resumed by this run (compared exactly at load)."""
     return {**{k: v for k, v in dataclasses.asdict(layout).items() if k in ("tp", "pp", "dp", "vp")},
-            "optimizer": "distlion" if args.distlion else "adam", "num_layers": args.num_layers,
+            "optimizer": "distlion" if args.distlion else "adam", "local_steps": args.dlion_local_steps,
+            "num_layers": args.num_layers,
             "hidden_size": args.hidden_size}

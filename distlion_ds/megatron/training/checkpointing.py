@@ -89,8 +89,10 @@ def _model_keys(chunks: list) -> list[str]:
 def sharded_state(chunks: list, opt, sched, *, common: dict, is_loading: bool) -> dict:
     """The ``dist_checkpointing`` state dict: model chunks, optimizer, scheduler and ``common`` entries."""
     model = {k: c.module.sharded_state_dict() for k, c in zip(_model_keys(chunks), chunks, strict=True)}
-    return {**model, "optimizer": opt.sharded_state_dict(model, is_loading=is_loading),
-            "opt_param_scheduler": sched.state_dict(), **common}
+    out = {**model, "opt_param_scheduler": sched.state_dict(), **common}
+    if hasattr(opt, "sharded_state_dict"):  # local steps: the optimizer state is per rank, in the side file
+        out["optimizer"] = opt.sharded_state_dict(model, is_loading=is_loading)
+    return out
 
 
 def _share(files: list[str]) -> list[str]:
@@ -187,14 +189,15 @@ def load_checkpoint(root: str, *, chunks: list, opt, sched, layout: dict, ranks:
     if common.get("format") != FORMAT or common.get("layout") != layout:
         raise ValueError(f"--load {root}: saved with {common.get('layout')} ({common.get('format')}), this run is "
                          f"{layout} ({FORMAT})")
-    if distlion:
+    if distlion and hasattr(opt, "sharded_state_dict"):
         from distlion_ds.megatron import check_checkpoint_data_parallel_size
 
         check_checkpoint_data_parallel_size(str(folder), opt)
     loaded = dist_checkpointing.load(sharded_state(chunks, opt, sched, common={}, is_loading=True), str(folder))
     for key, chunk in zip(_model_keys(chunks), chunks, strict=True):
         chunk.module.load_state_dict(loaded[key])
-    opt.load_state_dict(loaded["optimizer"])
+    if "optimizer" in loaded:
+        opt.load_state_dict(loaded["optimizer"])
     sched.load_state_dict(loaded["opt_param_scheduler"])
     logger.info("resumed from iteration %d of %s", iteration, root)
     return iteration, common, side

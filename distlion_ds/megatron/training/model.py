@@ -80,12 +80,13 @@ def transformer_config(args, layout) -> Any:
 
 
 def ddp_config(args) -> Any:
-    """D-Lion's DDP config, or megatron-core's default one (fp32 gradient all-reduce) for AdamW."""
+    """D-Lion's DDP config, or megatron-core's default one (fp32 gradient all-reduce) for AdamW and for the inner
+    AdamW of local steps (whose reduction :mod:`.local_steps` switches off)."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from distlion_ds.megatron import ddp_config_for_dlion
 
-    if args.distlion:
+    if args.distlion and args.dlion_local_steps == 1:
         return ddp_config_for_dlion(overlap_grad_reduce=args.overlap_grad_reduce)
     return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
                                          use_distributed_optimizer=False)

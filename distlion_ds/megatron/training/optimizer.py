@@ -60,12 +60,22 @@ def build_optimizer(args, chunks: list) -> tuple[Any, Any]:
         args: the parsed arguments (``args.distlion`` selects D-Lion).
         chunks: megatron-core ``DistributedDataParallel`` chunks of this rank.
     Returns:
-        A ``MegatronOptimizer`` and its ``OptimizerParamScheduler``.
+        A ``MegatronOptimizer`` (local steps: a :class:`~distlion_ds.LocalStepsLion` over one) and its
+        ``OptimizerParamScheduler``.
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = optimizer_config(args)
-    if args.distlion:
+    inner = None
+    if args.clip_grad > 0 and not torch.cuda.is_available() and not (args.distlion and args.dlion_local_steps == 1):
+        enable_cpu_clip()  # megatron-core's own optimizer clips (AdamW, and the inner AdamW of local steps)
+    if args.distlion and args.dlion_local_steps > 1:
+        from megatron.core import parallel_state as ps
+
+        from .local_steps import build_local_steps_optimizer
+
+        opt, inner = build_local_steps_optimizer(args, chunks, config, ps.get_data_parallel_group())
+    elif args.distlion:
         if args.dlion_intra_node_size != 1:
             raise ValueError(f"--dlion-intra-node-size {args.dlion_intra_node_size}: the megatron-core D-Lion "
                              "optimizer votes flat over the data-parallel group; use 1 here (hierarchical D-Lion "
@@ -76,12 +86,11 @@ def build_optimizer(args, chunks: list) -> tuple[Any, Any]:
     else:
         from megatron.core.optimizer import get_megatron_optimizer
 
-        if args.clip_grad > 0 and not torch.cuda.is_available():
-            enable_cpu_clip()
         # No gloo side groups: only megatron's distributed optimizer uses them, and this entry does not create them.
         opt = get_megatron_optimizer(config, chunks, use_gloo_process_groups=False)
-    sched = OptimizerParamScheduler(
-        opt, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+    sched = OptimizerParamScheduler(  # local steps: the schedule drives the inner AdamW's lr
+        inner if inner is not None else opt, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
+        min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters, wd_incr_style="constant")

@@ -72,10 +72,12 @@ def write_summary(args, layout, records: list[dict], start: int, end: int, skipp
     if args.distlion:
         bits = [r["dlion_bits"] for r in records]
         dlion = {"bytes_sent": total("dlion"), "bits_per_param_step": sum(bits) / len(bits),
+                 "local_steps": args.dlion_local_steps,
                  "early_buckets": total("early_buckets")}
     summary = {
         "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "steps": end - start, "losses": last["losses"],
-        "dp_replicas_identical": all(r["dp_ok"] for r in records),
+        "dp_replicas_identical": (None if any(r["dp_ok"] is None for r in records)  # local steps, mid-round
+                                  else all(r["dp_ok"] for r in records)),
         "tp_replicated_params_identical": all(r["tp_ok"] for r in records),
         "tied_embeddings_identical": (all(r["tied_ok"] for r in records if r["tied_ok"] is not None)
                                       if any(r["tied_ok"] is not None for r in records) else None),
@@ -116,5 +118,5 @@ def gather_records(record: dict) -> list[Any]:
 
 def all_ok(records: list[dict]) -> bool:
     """Replicas and tied copies identical, every logged loss finite."""
-    ok = all(r["dp_ok"] and r["tp_ok"] and r["tied_ok"] is not False for r in records)
+    ok = all(r["dp_ok"] is not False and r["tp_ok"] and r["tied_ok"] is not False for r in records)
     return ok and all(math.isfinite(x) for r in records if r["pp_last"] for x in r["losses"])
