@@ -151,6 +151,11 @@ def targets(rows: list[dict]) -> list[str]:
                    f"({'within' if gap <= 0.02 else 'NOT within'} 2 %), at {ratio:.1f}x fewer bytes than DiLoCo-int8 "
                    f"({'meets' if ratio >= 16 else 'misses'} >= 16x); seeds at the best lr: "
                    f"{len(loc['best_vals'])} / {len(fp['best_vals'])}.")
+    out.append("- Note on the bytes target: at the same H and N, local D-Lion MaVo sends 2(N-1)/N x 1 bit per "
+               "parameter per round and DiLoCo-int8 2(N-1)/N x (8 + 32/256) bits (codes + block scales, both "
+               "halves of the reduce-scatter/all-gather quantised), so the ratio is 8.1x by construction: >= 16x "
+               "is out of reach against an int8 all-reduce done this way (it is 32x against DiLoCo-fp32, 4.1x "
+               "against int4).")
     m, lion, adamw = by.get("dlion_mavo"), by.get("lion"), by.get("adamw")
     for other, name in ((lion, "global Lion"), (adamw, "AdamW")):
         if not (m and other and m["best_vals"] and other["best_vals"]):
