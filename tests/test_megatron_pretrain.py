@@ -182,6 +182,12 @@ def test_resume_is_exact(pp2_dp2, tmp_path):
     assert lf["tied_embeddings_identical"] is True and lf["wire"]["dp_allreduce"] == 0
     # MaVo at N=2: 2 (N-1)/N / H = 0.5 bit per parameter and inner step (+ bucket padding)
     assert 0.5 <= lf["wire"]["dlion"]["bits_per_param_step"] < 0.53 and lf["wire"]["dlion"]["local_steps"] == 2
+    # the DP reduction is really off: after one local step the two DP ranks' weights (side files) differ
+    mid = pp2_dp2 / "ckpt_local" / "iter_0000001" / "rank_state"
+    for pp in (0, 1):
+        w0, w1 = (torch.load(mid / f"mp_rank_00_{pp:03d}_dp{dp:03d}.pt", weights_only=False)["local"]["model"][0]
+                  for dp in (0, 1))
+        assert any(torch.is_tensor(v) and not torch.equal(v, w1[k]) for k, v in w0.items()), pp
     assert_same(contents(pp2_dp2 / "ckpt_local_full" / "iter_0000004", tmp_path / "e.pt"),
                 contents(pp2_dp2 / "ckpt_local" / "iter_0000004", tmp_path / "f.pt"), "local steps iteration 4",
                 skip=("_extra_state",))
@@ -319,3 +325,38 @@ def test_distributed_timeout(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             _args("--distributed-timeout-minutes", bad)
         assert "--distributed-timeout-minutes must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_cpu_clip_and_pinned_private_signatures():
+    """The CPU clip (opt-in, idempotent) scales by megatron-core's coefficient exactly; the private megatron-core
+    callables the entry rebinds keep the signatures it replaces them with (core_v0.16.1)."""
+    import inspect
+
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mco
+
+    from distlion_ds.megatron.training import optimizer as topt
+
+    assert list(inspect.signature(clip_grads.clip_grad_by_total_norm_fp32).parameters) == [
+        "parameters", "max_norm", "total_norm", "use_decoupled_grad"]
+    for name in ("start_grad_sync", "finish_grad_sync"):
+        assert list(inspect.signature(getattr(_ParamAndGradBucketGroup, name)).parameters) == [
+            "self", "force_all_reduce"], name
+    original = mco.clip_grad_by_total_norm_fp32
+    try:
+        topt.enable_cpu_clip()
+        patched = mco.clip_grad_by_total_norm_fp32
+        topt.enable_cpu_clip()
+        assert mco.clip_grad_by_total_norm_fp32 is patched is not original  # idempotent
+        p = torch.nn.Parameter(torch.zeros(5))
+        p.grad = torch.tensor([3.0, -4.0, 0.5, 0.0, 1e-3])
+        expected = p.grad * (1.0 / (7.0 + 1.0e-6))
+        patched([p], 1.0, 7.0)
+        assert torch.equal(p.grad, expected)
+        before = p.grad.clone()
+        patched([p], 10.0, 7.0)  # coefficient >= 1: untouched
+        assert torch.equal(p.grad, before)
+    finally:
+        mco.clip_grad_by_total_norm_fp32 = original
+        delattr(mco, topt._CPU_CLIP_MARK)
