@@ -8,6 +8,7 @@ an fp64 norm the test computes itself.
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -328,14 +329,35 @@ def _worker_paths(rank: int, world: int) -> None:
         [{"params": [c for c, p in zip(clones, pb, strict=True) if decays[id(p)]], "weight_decay": 0.1},
          {"params": [c for c, p in zip(clones, pb, strict=True) if not decays[id(p)]], "weight_decay": 0.0}],
         lr=1e-3, betas=(0.9, 0.99), aggregation="mavo", process_group=ps.get_data_parallel_group())
+    import distlion_ds.megatron.optimizer as mod
+
+    launches = {"votes": 0, "apply": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            launches[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    n_a = sum(len(bg.buckets) for bg in ddp_a.bucket_groups)
+    originals = (mod.lion_votes, mod.lion_apply)
     with _WireTap(ps.get_data_parallel_group()) as tap:
         for step in range(1, 4):
+            if step == 2:  # one vote launch and one apply launch per DDP bucket (every group has the same lr)
+                mod.lion_votes, mod.lion_apply = counting("votes", mod.lion_votes), counting("apply", mod.lion_apply)
             _backward(ddp_a, opt_a, step)
+            if step == 3:  # a second start (Megatron-LM's grad_sync_func after register_grad_ready) sends nothing
+                sent = opt_a.comm_stats()["early_buckets"]
+                ddp_a.start_grad_sync()
+                assert opt_a.comm_stats()["early_buckets"] == sent
             _backward(ddp_b, opt_b, step)
             for c, p in zip(clones, pb, strict=True):
                 c.grad = p.main_grad.detach().clone()
             assert opt_a.step()[0] is True and opt_b.step()[0] is True
             ref.step()
+            if step == 2:
+                mod.lion_votes, mod.lion_apply = originals
+                assert launches == {"votes": n_a + 1, "apply": n_a + 1}, (launches, n_a)
             for x, y, c in zip(pa, pb, clones, strict=True):
                 assert torch.equal(x.detach(), y.detach()), "overlapped path != serialized path"
                 assert torch.equal(y.detach(), c.detach()), "bucket path != per-parameter DistributedLion"
@@ -382,6 +404,30 @@ def _worker_paths(rank: int, world: int) -> None:
     _backward(ddp_b, opt_b, 5)
     assert opt_b.step()[0] is True and opt_b.step_count == 4
     assert len(set(_checksums(pb))) == 1
+    # A backward whose buckets left early but that no step consumed: zero_grad_buffer drops those exchanges, and
+    # A (which has not seen B's skipped step) lands on B's bits with the same data and step number.
+    _backward(ddp_a, opt_a, 99)
+    _backward(ddp_a, opt_a, 5)
+    assert opt_a.step()[0] is True and opt_a.step_count == 4
+    assert all(torch.equal(x.detach(), y.detach()) for x, y in zip(pa, pb, strict=True))
+    assert all(torch.equal(opt_a.get_momentum(x), opt_b.get_momentum(y)) for x, y in zip(pa, pb, strict=True))
+
+    # state_dict (per rank, torch.save) -> a fresh model with B's weights -> load -> the same next step as B.
+    buf = io.BytesIO()
+    torch.save(opt_b.state_dict(), buf)
+    _, ddp_e = _build(seed=99, ddp_kwargs={})
+    opt_e = get_optimizer(_opt_config(), [ddp_e])
+    pe = list(ddp_e.module.parameters())
+    for x, y in zip(pe, pb, strict=True):
+        x.data.copy_(y.detach())
+    buf.seek(0)
+    opt_e.load_state_dict(torch.load(buf, weights_only=False))
+    assert opt_e.step_count == 4 and opt_e.comm_stats()["skipped_steps"] == 1
+    _backward(ddp_b, opt_b, 6)
+    _backward(ddp_e, opt_e, 6)
+    assert opt_b.step()[0] is True and opt_e.step()[0] is True
+    assert all(torch.equal(x.detach(), y.detach()) for x, y in zip(pe, pb, strict=True))
+    assert all(torch.equal(opt_e.get_momentum(x), opt_b.get_momentum(y)) for x, y in zip(pe, pb, strict=True))
 
     # The wire tap does see the DP gradient reduce-scatter when megatron-core's own grad sync runs (no D-Lion on C).
     _, ddp_c = _build(seed=11, ddp_kwargs={})
@@ -419,6 +465,13 @@ def _worker_paths(rank: int, world: int) -> None:
     _, ddp_odd = _build(seed=11, ddp_kwargs=dict(use_distributed_optimizer=False), hidden=12)
     refused(r"starts at element \d+ of its DDP bucket, not a multiple of 8.*use_distributed_optimizer=True",
             lambda: get_optimizer(_opt_config(), [ddp_odd]))
+
+    # Replica check: a replica changed outside the optimizer is caught on every rank.
+    opt_b.check_replicas()
+    if rank == 1:
+        pb[0].data.view(-1)[0] += 1e-3
+    with pytest.raises(RuntimeError, match="replicas diverged at step 5"):
+        opt_b.check_replicas()
 
 
 def test_overlap_equals_serialized_equals_per_parameter_and_skip_and_bad_args():

@@ -27,16 +27,21 @@ bucket group: ``_ParamAndGradBucketGroup.start_grad_sync`` (all-reduce / reduce-
 gradients are final in the last micro-batch (``overlap_grad_reduce=True``). No DDP config knob turns the reduction
 off while keeping the DP group (a DP group of size 1 in the DDP would also silence ``broadcast_params`` and the
 per-token-loss ``num_tokens`` all-reduce, and would make the DDP's bucket padding ignore the real DP size), so
-:func:`get_optimizer` replaces those two methods *on each bucket-group instance* of the given chunks:
-``start_grad_sync`` becomes "compute this bucket's votes and start its all_to_all" (only when voting early is
-exact, see below; otherwise nothing), ``finish_grad_sync`` does nothing. finalize_model_grads stays megatron-core's:
-its DP step is now silent, and its later steps (the tied word-embedding and position-embedding all-reduces across
-pipeline stages, layernorm grads under sequence parallelism) run unchanged on the local gradients, before the votes
-of the buckets they touch. Every DDP gradient is the rank's local sum over its micro-batches (the ``1/dp`` scaling
-lived in the replaced method; a constant scale does not change a sign vote, but it would change the clipping norm).
-These are private attributes of megatron-core (``bucket_groups``, ``buckets``, ``grad_data``, ``param_data``,
-``params_list``, ``main_grad``); they exist with the same meaning in 0.16.1 and 0.19.x, and :func:`get_optimizer`
-checks each one and fails naming it.
+:func:`get_optimizer` replaces them *on each bucket-group instance* of the given chunks (nothing global is
+patched): ``start_grad_sync`` becomes "compute this bucket's votes and start its all_to_all" (only when voting early
+is exact, see below; otherwise nothing; idempotent within a backward), ``finish_grad_sync`` does nothing, and
+``reset`` (``zero_grad_buffer``) first drops the exchanges of a backward that no step consumed. finalize_model_grads
+stays megatron-core's: its DP step is now silent, and its later steps (the tied word-embedding and position-embedding
+all-reduces across pipeline stages, layernorm grads under sequence parallelism) run unchanged on the local gradients,
+before the votes of the buckets they touch. Every DDP gradient is the rank's local sum over its micro-batches (the
+``1/dp`` scaling lived in the replaced method; a constant scale does not change a sign vote, but it would change the
+clipping norm). Private megatron-core names relied on: ``DistributedDataParallel.bucket_groups`` /
+``expert_parallel_bucket_groups`` / ``ddp_config`` / ``intra_dp_cp_group`` (else ``dp_cp_group``),
+``_ParamAndGradBucketGroup.buckets`` / ``start_grad_sync`` / ``finish_grad_sync`` / ``reset``,
+``_ParamAndGradBucket.grad_data`` / ``param_data`` / ``params_list``, ``Parameter.main_grad``, and
+``megatron.core.optimizer._get_param_groups`` (falls back to the classic grouping when its signature changes).
+They were read and tested on 0.16.1; :func:`get_optimizer` checks each attribute and fails naming it (and the
+installed version) on a release without it.
 
 **Layout.** Votes are computed from each DDP bucket's contiguous ``grad_data`` (one ``lion_votes`` launch per
 bucket), the momentum is one fp32 buffer per bucket in the same layout, and the apply is one ``lion_apply`` launch
@@ -62,8 +67,12 @@ Everything else (counts, all_gather, apply) finishes in the step. The result is 
 **A step** (at most one host synchronisation, the skip decision): ``prepare_grads`` clips (device-side coefficient),
 votes the buckets not yet voted, agrees the non-finite flag over the model-parallel group (in the norm all-reduce, or
 one 4-byte MAX all-reduce), sends the last bucket with it, and reads every DP rank's flag from it (the sync):
-returns ``found_inf``. ``step_with_ready_grads`` counts, all-gathers and applies. The policy (clipping, agreement,
-skip counting, replica checks, checkpoint rules) is :mod:`distlion_ds.optim.policy`.
+returns ``found_inf``. ``step_with_ready_grads`` counts, all-gathers and applies. megatron-core's
+``get_grad_norm_fp32`` / ``clip_grad_by_total_norm_fp32`` are not called: the first reads the norm on the host
+(``.item()``, a second host synchronisation per step, before any vote can leave), the second needs that host float
+and asserts CUDA tensors; the policy's norm is the same quantity (fp32, megatron's own filter of what counts:
+``param_is_not_shared`` and ``param_is_not_tensor_parallel_duplicate``) kept on the device. The policy
+(clipping, agreement, skip counting, replica checks, checkpoint rules) is :mod:`distlion_ds.optim.policy`.
 
 **Checkpoints** (``sharded_state_dict`` for ``megatron.core.dist_checkpointing``): each parameter's momentum is a
 ``ShardedTensor`` with the model parameter's sharding plus a leading data-parallel axis (global shape ``(dp, ...)``,
@@ -351,6 +360,18 @@ class DistributedLionOptimizer(MegatronOptimizer):
             setattr(bg, _PATCH_MARK, self)
             bg.start_grad_sync = self._make_start(mine)
             bg.finish_grad_sync = _finish_grad_sync_noop
+            bg.reset = self._make_reset(mine, bg.reset)
+
+    def _make_reset(self, buckets: list[_Bucket], original):
+        def reset() -> None:
+            """megatron-core's reset (``zero_grad_buffer``), after dropping these buckets' exchanges of a backward
+            that no step consumed (their votes were cast on gradients about to be zeroed)."""
+            stale = [self._flights.pop(b.index) for b in buckets if b.index in self._flights]
+            if stale:
+                self.exchange.drain(stale)
+                self._flag.zero_()  # their non-finite findings belonged to the discarded gradients
+            original()
+        return reset
 
     def _make_start(self, buckets: list[_Bucket]):
         def start_grad_sync(force_all_reduce: bool | None = False) -> None:
@@ -360,9 +381,8 @@ class DistributedLionOptimizer(MegatronOptimizer):
             for b in buckets:
                 if b.late or b is self._buckets[-1]:  # the last bucket carries the step's flag
                     continue
-                old = self._flights.pop(b.index, None)
-                if old is not None:  # a backward without a step since: that exchange is stale
-                    self.exchange.drain([old])
+                if b.index in self._flights:  # already sent in this backward (Megatron-LM's grad_sync_func may
+                    continue                  # call again after register_grad_ready did)
                 self._flights[b.index] = self._vote_and_start(b, self._step + 1, self._flag)
                 self._early_count += 1
         return start_grad_sync
@@ -708,7 +728,9 @@ def _finish_grad_sync_noop(force_all_reduce: bool | None = False) -> None:
 def _ddp_group(model_chunks: list):
     groups = []
     for c in model_chunks:
-        g = getattr(c, "intra_dp_cp_group", None) or getattr(c, "dp_cp_group", None)
+        g = getattr(c, "intra_dp_cp_group", None)
+        if g is None:
+            g = getattr(c, "dp_cp_group", None)
         if g is None:
             raise RuntimeError("DistributedLionOptimizer: the DDP chunk has neither intra_dp_cp_group nor dp_cp_group "
                                "(megatron-core private attributes); pass data_parallel_group=")
