@@ -382,6 +382,24 @@ def _worker_paths(rank: int, world: int) -> None:
     assert opt_a.comm_stats()["bytes_sent"] == 3 * wire(ddp_a), (opt_a.comm_stats(), wire(ddp_a))
     assert opt_b.comm_stats()["bytes_sent"] == 3 * wire(ddp_b), (opt_b.comm_stats(), wire(ddp_b))
 
+    # Without megatron's distributed-optimizer layout (no parameter buffer: one apply launch per fp32 parameter,
+    # no padding) the bits are the same; num_zeros as megatron's log_num_zeros_in_grad.
+    _, ddp_f = _build(seed=11, ddp_kwargs=dict(use_distributed_optimizer=False))
+    assert all(b.param_data is None for bg in ddp_f.bucket_groups for b in bg.buckets)
+    opt_f = get_optimizer(_opt_config(log_num_zeros_in_grad=True), [ddp_f])
+    _, ddp_g = _build(seed=11, ddp_kwargs={})
+    opt_g = get_optimizer(_opt_config(), [ddp_g])
+    pf, pg_ = list(ddp_f.module.parameters()), list(ddp_g.module.parameters())
+    for step in (1, 2):
+        _backward(ddp_f, opt_f, step)
+        _backward(ddp_g, opt_g, step)
+        zeros = sum(p.numel() - int(torch.count_nonzero(p.main_grad)) for p in pf)
+        ok, _, num_zeros = opt_f.step()
+        assert ok is True and num_zeros == float(zeros)
+        assert opt_g.step()[0] is True
+        assert all(torch.equal(x.detach(), y.detach()) for x, y in zip(pf, pg_, strict=True))
+        assert all(torch.equal(opt_f.get_momentum(x), opt_g.get_momentum(y)) for x, y in zip(pf, pg_, strict=True))
+
     # Clipping needs every bucket's gradient before any vote: with clip_grad > 0 nothing leaves during the backward
     # (the result is the serialized one).
     _, ddp_d = _build(seed=11, ddp_kwargs=dict(overlap_grad_reduce=True, bucket_size=300))
