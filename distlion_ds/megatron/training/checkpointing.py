@@ -188,7 +188,7 @@ def load_checkpoint(root: str, *, chunks: list, opt, sched, layout: dict, ranks:
     common = dist_checkpointing.load_common_state_dict(str(folder))
     if common.get("format") != FORMAT or common.get("layout") != layout:
         raise ValueError(f"--load {root}: saved with {common.get('layout')} ({common.get('format')}), this run is "
-                         f"{layout} ({FORMAT})")
+                         f"{layout} ({FORMAT}); resume with the arguments it was saved with, or train without --load")
     if distlion and hasattr(opt, "sharded_state_dict"):
         from distlion_ds.megatron import check_checkpoint_data_parallel_size
 
