@@ -5,5 +5,5 @@
 ``get_megatron_optimizer``; the LR schedule), ``local_steps`` (``--dlion-local-steps H``: megatron-core's AdamW
 inside, 1-bit D-Lion outside), ``data`` (micro-batches and the loss), ``checkpointing``
 (``dist_checkpointing`` with a tracker written last), ``summary`` (wire bytes per channel, replica checks,
-``summary.json``). Importing this package imports megatron-core.
+``summary.json``). The modules import megatron-core where they use it.
 """
