@@ -328,6 +328,13 @@ def test_single_process_refuses_nodes_and_fingerprint_names_layout():
     assert DistributedLion(p)._settings()["intra_node_size"] == 1
 
 
+def _stderr():
+    import contextlib
+    import io
+
+    return contextlib.redirect_stderr(io.StringIO())
+
+
 def test_surfaces_deepspeed_key_and_megatron_flag():
     from distlion_ds.deepspeed.config import parse_deepspeed_config
     from distlion_ds.megatron.pretrain_gpt import parse_args, validate_args
@@ -343,17 +350,18 @@ def test_surfaces_deepspeed_key_and_megatron_flag():
             parse_deepspeed_config(ds({"intra_node_size": bad}))
     # The DeepSpeed seam passes the params through: they are DistributedLion keyword arguments.
     opt = DistributedLion([torch.nn.Parameter(torch.zeros(8))], **plan.optimizer.model_dump(
-        exclude_none=True, exclude={"intra_node_size"}), node_groups=[[0]])
+        exclude_none=True, exclude={"intra_node_size", "local_steps"}), node_groups=[[0]])
     assert opt.intra_node_size == 1 and opt._hier is not None
 
-    args = parse_args(["--train-iters", "2", "--dlion-intra-node-size", "2"])
-    assert args.dlion_intra_node_size == 2
-    assert validate_args(args, 4).dp == 4
-    with pytest.raises(ValueError, match="--dlion-intra-node-size 2 does not divide the data-parallel size 3"):
-        validate_args(args, 3)
-    for argv in (["--dlion-intra-node-size", "0"], ["--dlion-intra-node-size", "2", "--optimizer", "adam"]):
-        with pytest.raises(SystemExit):
+    # The Megatron entry votes flat through megatron-core's DDP buckets: hierarchical is refused naming the flag.
+    args = parse_args(["--train-iters", "2", "--dlion-intra-node-size", "1"])
+    assert args.dlion_intra_node_size == 1 and validate_args(args, 4).dp == 4
+    for argv, needle in ((["--dlion-intra-node-size", "0"], "must be >= 1"),
+                         (["--dlion-intra-node-size", "2", "--optimizer", "adam"], "applies to --optimizer distlion"),
+                         (["--dlion-intra-node-size", "2"], "votes flat")):
+        with pytest.raises(SystemExit), _stderr() as err:
             parse_args(["--train-iters", "2", *argv])
+        assert "--dlion-intra-node-size" in err.getvalue() and needle in err.getvalue(), err.getvalue()
 
 
 def test_add_param_group_keeps_momentum_like_flat():

@@ -124,7 +124,7 @@ class LocalStepsLion(torch.optim.Optimizer):
         # torch.optim.Optimizer bookkeeping (hooks, LR-scheduler patching); from then on param_groups and state are
         # the inner optimizer's (properties below).
         super().__init__(inner_params, {})
-        self.defaults = inner.defaults
+        self.defaults = getattr(inner, "defaults", {})  # MegatronOptimizer has none
         self._delegating = True
 
     # param_groups / state are read through to the inner optimizer, which replaces its lists in load_state_dict

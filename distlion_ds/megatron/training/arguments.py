@@ -139,6 +139,11 @@ def parse_args(argv: list[str] | None = None, description: str = "GPT pretrainin
         ap.error(f"--dlion-intra-node-size must be >= 1, got {args.dlion_intra_node_size}")
     if args.dlion_intra_node_size > 1 and not args.distlion:
         ap.error(f"--dlion-intra-node-size {args.dlion_intra_node_size} applies to --optimizer distlion only")
+    if args.dlion_intra_node_size > 1:
+        ap.error(f"--dlion-intra-node-size {args.dlion_intra_node_size}: the megatron-core D-Lion optimizer votes "
+                 "flat over the data-parallel group (hierarchical voting on megatron-core's DDP buckets is not "
+                 "built yet); use 1 here, or hierarchical D-Lion through distlion_ds.DistributedLion or the "
+                 "DeepSpeed config (optimizer.params.intra_node_size)")
     if not (args.distributed_timeout_minutes > 0 and math.isfinite(args.distributed_timeout_minutes)):
         ap.error(f"--distributed-timeout-minutes must be a finite number > 0, got {args.distributed_timeout_minutes}")
     if args.min_lr > args.lr:
