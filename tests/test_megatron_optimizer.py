@@ -390,15 +390,27 @@ def _worker_paths(rank: int, world: int) -> None:
     _, ddp_g = _build(seed=11, ddp_kwargs={})
     opt_g = get_optimizer(_opt_config(), [ddp_g])
     pf, pg_ = list(ddp_f.module.parameters()), list(ddp_g.module.parameters())
+    # megatron-core 0.19's fp32 local accumulation (param_name_patterns_for_fp32_local_accumulation), as it lays it
+    # out: main_grad a separate tensor, its slice of grad_data kept as main_grad_copy_in_grad_buffer.
+    _, ddp_h = _build(seed=11, ddp_kwargs={})
+    ph = list(ddp_h.module.parameters())
+    ph[2].main_grad_copy_in_grad_buffer = ph[2].main_grad
+    ph[2].main_grad = torch.zeros_like(ph[2].main_grad)
+    opt_h = get_optimizer(_opt_config(), [ddp_h])
     for step in (1, 2):
         _backward(ddp_f, opt_f, step)
         _backward(ddp_g, opt_g, step)
+        ddp_h.zero_grad_buffer()
+        ph[2].main_grad.zero_()  # megatron 0.19 zeroes its extra main_grads with the buffers
+        _backward(ddp_h, opt_h, step)
+        assert opt_h.step()[0] is True
         zeros = sum(p.numel() - int(torch.count_nonzero(p.main_grad)) for p in pf)
         ok, _, num_zeros = opt_f.step()
         assert ok is True and num_zeros == float(zeros)
         assert opt_g.step()[0] is True
         assert all(torch.equal(x.detach(), y.detach()) for x, y in zip(pf, pg_, strict=True))
         assert all(torch.equal(opt_f.get_momentum(x), opt_g.get_momentum(y)) for x, y in zip(pf, pg_, strict=True))
+        assert all(torch.equal(x.detach(), y.detach()) for x, y in zip(ph, pg_, strict=True))
 
     # Clipping needs every bucket's gradient before any vote: with clip_grad > 0 nothing leaves during the backward
     # (the result is the serialized one).

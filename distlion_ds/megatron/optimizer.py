@@ -85,7 +85,7 @@ sizes before anything is read; ``dist_checkpointing.load`` alone fails on the mo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -139,6 +139,9 @@ class _Bucket:
     master: torch.Tensor | None = None  # fp32 main parameters [numel] (16-bit models)
     votes: torch.Tensor = None  # uint8, padded for the exchange
     late: bool = False  # finalize_model_grads still changes a parameter of it after the DP step
+    # megatron-core >= 0.19 ``param_name_patterns_for_fp32_local_accumulation``: these parameters accumulate in a
+    # separate fp32 ``main_grad``, copied into their slice of ``grad_data`` before the reduction (here: the vote).
+    extra: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (main_grad, slice in grad)
 
 
 class _Groups:
@@ -284,8 +287,15 @@ class DistributedLionOptimizer(MegatronOptimizer):
                     b = _Bucket(len(buckets), grad, grad.numel(), [], param_data)
                     start = grad.storage_offset()
                     for p in sorted(_require(mb, "params_list", "_ParamAndGradBucket"),
-                                    key=lambda q: _require(q, "main_grad", "Parameter").storage_offset()):
-                        off = p.main_grad.storage_offset() - start
+                                    key=lambda q: _grad_slice(q).storage_offset()):
+                        view = _grad_slice(p)
+                        if view.untyped_storage().data_ptr() != grad.untyped_storage().data_ptr():
+                            raise ValueError(f"model_chunks: the gradient of {names.get(id(p), tuple(p.shape))} is "
+                                             "not in its DDP bucket's grad_data; DistributedLionOptimizer votes on "
+                                             "the bucket buffers (this megatron-core layout is not supported)")
+                        if view is not p.main_grad:
+                            b.extra.append((p.main_grad, view))
+                        off = view.storage_offset() - start
                         if off % 8:
                             raise ValueError(
                                 f"model_chunks: parameter {names.get(id(p), tuple(p.shape))} starts at element {off} "
@@ -389,6 +399,7 @@ class DistributedLionOptimizer(MegatronOptimizer):
 
     # ------------------------------------------------------------------------------------------ step
     def _vote_and_start(self, b: _Bucket, t: int, flag: torch.Tensor):
+        _copy_extra(b)
         lion_votes(b.grad, b.exp_avg, self.betas[0], t, out=b.votes[: -(-b.numel // 8)], nonfinite=flag)
         return self.exchange.start(b.votes, flag, t, key=b.index)
 
@@ -421,6 +432,9 @@ class DistributedLionOptimizer(MegatronOptimizer):
             def mp_sum(x: torch.Tensor) -> None:
                 dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.mp_group)
         self._grad_norm = None
+        for b in self._buckets:
+            if b.index not in self._flights:
+                _copy_extra(b)
         if self.clip_grad > 0:
             norm = run_collective("the replica gradient-norm all-reduce (model-parallel group)",
                                   lambda: policy.replica_grad_norm(self._grads_for_norm(), self.device, mp_sum),
@@ -719,6 +733,18 @@ class DistributedLionOptimizer(MegatronOptimizer):
             if b.master is not None:
                 for p, off, _ in b.params:
                     p.data.copy_(b.master[off: off + p.numel()].view(p.shape))
+
+
+def _grad_slice(p: torch.nn.Parameter) -> torch.Tensor:
+    """The parameter's gradient slice in its DDP bucket's grad_data (megatron-core >= 0.19 may keep ``main_grad``
+    elsewhere, in fp32, and the slice as ``main_grad_copy_in_grad_buffer``)."""
+    inbuf = getattr(p, "main_grad_copy_in_grad_buffer", None)
+    return inbuf if inbuf is not None else _require(p, "main_grad", "Parameter")
+
+
+def _copy_extra(b: _Bucket) -> None:
+    for main_grad, view in b.extra:  # as megatron-core's start_grad_sync does before its reduction
+        view.copy_(main_grad)
 
 
 def _finish_grad_sync_noop(force_all_reduce: bool | None = False) -> None:
