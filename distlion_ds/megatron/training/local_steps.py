@@ -55,8 +55,6 @@ def build_local_steps_optimizer(args, chunks: list, config: Any, dp_group) -> tu
 
     disable_dp_grad_reduction(chunks)
     inner = get_megatron_optimizer(config, chunks, use_gloo_process_groups=False)
-    if not hasattr(inner, "defaults"):  # LocalStepsLion copies torch.optim's `defaults`; MegatronOptimizer has none
-        inner.defaults = dict(inner.optimizer.defaults)
     params = [p for g in inner.param_groups for p in g["params"]]
     outer = LocalStepsLion(params, inner, args.dlion_local_steps,
                            lr=args.dlion_outer_lr if args.dlion_outer_lr is not None else args.lr,
