@@ -44,7 +44,7 @@ def test_plan_order_and_counts():
     assert all(r["seed"] == 0 for r in runs[:39]) and all(r["seed"] == 1 for r in runs[39:])
     assert len(plan.planned_runs("study", int4=True)) == 16 * 3 * 2
     demo = plan.planned_runs("demo")
-    assert len(demo) == 42 and demo[0] == {"method": "adamw", "lr": 1e-3, "seed": 0, "wd": 0.1}
+    assert len(demo) == 43 and demo[0] == {"method": "adamw", "lr": 1e-3, "seed": 0, "wd": 0.1}
 
 
 def test_steps_to_target_interpolates_between_validation_points():
