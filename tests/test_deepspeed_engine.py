@@ -384,7 +384,7 @@ def _dp2_worker(rank, world, outdir):
 def _grow_dp2_checkpoint_to_dp4(rank, outdir):
     import distlion_ds
 
-    log = _Messages("distlion_ds.deepspeed.checkpoint")
+    log = _Messages("distlion_ds.optim.policy")  # the step policy's rule, shared with the megatron-core optimizer
     engine, opt, _, _ = distlion_ds.initialize(model=_Net(seed=5), config=_gas_clip_config())
     engine.load_checkpoint(str(outdir / "ckpt_dp2"), tag="k")
     payload, momentum = _saved_momentum(outdir / "ckpt_dp2" / "k", 0, rank % 2)  # the policy: r % N_saved
@@ -392,7 +392,7 @@ def _grow_dp2_checkpoint_to_dp4(rank, outdir):
     for p, m in zip(engine.module.parameters(), momentum, strict=True):
         assert torch.equal(opt.state[p]["exp_avg"], m)
     assert opt.param_groups[0]["step"] == K and opt.param_groups[0]["lr"] == _warmup_lr(K + 1)
-    warned = [m for m in log.messages if "saved with 2 data-parallel ranks, loading into 4" in m]
+    warned = [m for m in log.messages if "saved by 2 data-parallel ranks, loading into 4" in m]
     assert len(warned) == (1 if rank == 0 else 0), log.messages
     _train_gas_step(engine, K + 1, rank)
     assert opt.param_groups[0]["step"] == K + 1
@@ -535,14 +535,14 @@ def _resume_worker(rank, world, outdir):
         assert torch.equal(opt.state[p]["exp_avg"], m)
 
     # Shrink: the DP=4 checkpoint (tag through 'latest') into 2 ranks: rank r takes saved rank r % 4 == r.
-    log = _Messages("distlion_ds.deepspeed.checkpoint")
+    log = _Messages("distlion_ds.optim.policy")  # the step policy's rule, shared with the megatron-core optimizer
     engine2, opt2, _, _ = distlion_ds.initialize(model=_Net(seed=7), config=_gas_clip_config())
     engine2.load_checkpoint(str(outdir / "ckpt_dp4"))
     _, momentum = _saved_momentum(outdir / "ckpt_dp4" / "dp4", 0, rank)
     for p, m in zip(engine2.module.parameters(), momentum, strict=True):
         assert torch.equal(opt2.state[p]["exp_avg"], m)
     assert opt2.param_groups[0]["step"] == K + 1
-    warned = [m for m in log.messages if "saved with 4 data-parallel ranks, loading into 2" in m]
+    warned = [m for m in log.messages if "saved by 4 data-parallel ranks, loading into 2" in m]
     assert len(warned) == (1 if rank == 0 else 0), log.messages
     _train_gas_step(engine2, K + 2, rank)
     _assert_replicas_identical(engine2.module)

@@ -80,12 +80,20 @@ def _host_bytes(net: SlowNet) -> list[int]:
     return out
 
 
+TIED_Q8 = '{"method": "quantize", "bits": 8, "block_size": 256, "feedback": "ef"}'
 MEGATRON_METHODS = {
-    # name -> pretrain_gpt arguments: AdamW after the explicit fp32 DP all-reduce with megatron-core's own
-    # (uncompressed) p2p, against D-Lion MaVo with the repo's TopK-10 % activations / 8-bit gradients config
+    # name -> pretrain_gpt arguments: megatron-core's DDP (fp32 gradient all-reduce) + its own AdamW with
+    # uncompressed p2p, against D-Lion MaVo (votes from the DDP buckets, no DP all-reduce) with the repo's TopK-10 %
+    # activations / 8-bit gradients config; then D-Lion with its bucket votes overlapped with the last micro-batch's
+    # backward, and with the tied-embedding all-reduce compressed (8-bit + error feedback)
     "adam+uncompressed": ["--optimizer", "adam"],
     "dlion_mavo+topk10_q8": ["--optimizer", "distlion", "--aggregation", "mavo",
                              "--p2p-compression", "configs/compression/topk10_q8.json"],
+    "dlion_mavo+topk10_q8+overlap": ["--optimizer", "distlion", "--aggregation", "mavo", "--overlap-grad-reduce",
+                                     "--p2p-compression", "configs/compression/topk10_q8.json"],
+    "dlion_mavo+topk10_q8+tied_q8": ["--optimizer", "distlion", "--aggregation", "mavo",
+                                     "--p2p-compression", "configs/compression/topk10_q8.json",
+                                     "--tied-embedding-compression", TIED_Q8],
     # Tied embeddings cost one fp32 all-reduce of the embedding gradient between the first and the last stage
     # per iteration (vocab x hidden / tp elements), which neither D-Lion nor p2p compression touches: the same
     # pair with untied embeddings shows what that all-reduce costs on a slow link.
@@ -97,8 +105,9 @@ MEGATRON_METHODS = {
 
 
 def run_megatron3d(net: SlowNet, args, out_dir: Path, tag: str, port: int, timeout: float) -> list[dict]:
-    """tp2 x pp2 x dp2 with ``python -m distlion_ds.megatron.pretrain_gpt`` (megatron-core schedules, its
-    CompressedP2PCommunicator, DistributedLion on the DP group), torchrun's environment, 2 ranks per host.
+    """tp2 x pp2 x dp2 with ``python -m distlion_ds.megatron.pretrain_gpt`` (megatron-core's DDP, schedules and
+    finalize_model_grads, our CompressedP2PCommunicator and DistributedLionOptimizer on the DDP buckets), torchrun's
+    environment, 2 ranks per host.
     megatron-core orders ranks tp-cp-ep-dp-pp, so rank r sits on host r // 2: TP pairs share a host, the DP pairs
     (hosts 0-1, 2-3) and the PP pairs (hosts 0-2, 1-3) cross the shaped links."""
     rows = []

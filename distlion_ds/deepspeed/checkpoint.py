@@ -9,7 +9,8 @@ its own momentum (an EMA of its own local gradients, DESIGN 3.1). So next to Dee
 holding its DistributedLion ``state_dict()`` (momentum ``exp_avg`` per parameter and the step counter ``step``
 per param group, which the zero rule depends on) and the DP/MP sizes it was saved with.
 
-Loading with a different data-parallel size (the policy, logged as a warning):
+Loading with a different data-parallel size (the step policy of :mod:`distlion_ds.optim.policy`, rule 4, the same
+for the megatron-core optimizer; logged as a warning):
     rank ``r`` of the new run loads the momentum saved by DP rank ``r % N_saved``.
 Hierarchical D-Lion (``intra_node_size`` > 1) is the exception: each rank holds one shard of its node's momentum, so
 another DP size, node size or local rank is refused naming both layouts (DeepSpeed first loads DP rank 0's optimizer
@@ -59,6 +60,7 @@ from distlion_ds.checkpoint_io import (
     read_verified_text,
 )
 from distlion_ds.comm import raise_together
+from distlion_ds.optim import policy
 from distlion_ds.optim.local_steps import LocalStepsLion
 
 __all__ = [
@@ -158,7 +160,8 @@ def load_momentum(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, 
     saved_size = len(saved)
     if saved != list(range(saved_size)):
         raise ValueError(f"{tag_dir}: DistributedLion momentum files are incomplete (DP ranks {saved})")
-    source = dp_rank % saved_size
+    # the step policy's rule (distlion_ds.optim.policy, shared with the megatron-core optimizer); it logs once
+    source = policy.momentum_source_rank(saved_size, dp_size, dp_rank, what=f"DistributedLion checkpoint {tag_dir}")
     payload = load_verified(momentum_checkpoint_path(tag_dir, mp_rank, source), map_location="cpu", weights_only=True)
     if payload.get("dp_world_size") != saved_size:
         raise ValueError(
@@ -169,15 +172,6 @@ def load_momentum(engine: Any, optimizer: torch.optim.Optimizer, dp_group: Any, 
         raise ValueError(
             f"{tag_dir} was saved with model-parallel size {payload['mp_world_size']}, this engine has {mp_size}: "
             "DistributedLion momentum cannot be resharded across model-parallel ranks"
-        )
-    if saved_size != dp_size and dp_rank == 0 and mp_rank == 0:
-        logger.warning(
-            "DistributedLion checkpoint %s was saved with %d data-parallel ranks, loading into %d: rank r loads the "
-            "momentum of saved rank r %% %d (step counter kept); see distlion_ds.deepspeed.checkpoint for why.",
-            tag_dir,
-            saved_size,
-            dp_size,
-            saved_size,
         )
     optimizer.load_state_dict(payload["optimizer"])
     if isinstance(optimizer, LocalStepsLion):

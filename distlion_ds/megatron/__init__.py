@@ -24,9 +24,9 @@ with warnings.catch_warnings():
     from .install import install, is_installed, uninstall
     from .optimizer import (
         DistributedLionOptimizer,
-        check_checkpoint_data_parallel_size,
         ddp_config_for_dlion,
         get_optimizer,
+        prepare_checkpoint_load,
     )
     from .plugin import (
         add_arguments,
@@ -40,7 +40,7 @@ with warnings.catch_warnings():
 __all__ = [
     "CompressedP2PCommunicator", "CompressionConfig", "compression_state", "set_sample_ids",
     "enable_cpu", "disable_cpu", "install", "uninstall", "is_installed",
-    "DistributedLionOptimizer", "get_optimizer", "ddp_config_for_dlion", "check_checkpoint_data_parallel_size",
+    "DistributedLionOptimizer", "get_optimizer", "ddp_config_for_dlion", "prepare_checkpoint_load",
     "add_arguments", "install_megatron_lm", "uninstall_megatron_lm", "is_megatron_lm_installed", "tied_embedding_state",
     "CompressedFinalizeModelGrads", "TiedEmbeddingState", "finalize_model_grads_with",
 ]

@@ -78,8 +78,10 @@ and asserts CUDA tensors; the policy's norm is the same quantity (fp32, megatron
 ``ShardedTensor`` with the model parameter's sharding plus a leading data-parallel axis (global shape ``(dp, ...)``,
 this rank at offset ``dp_rank``, its data-parallel replica index set to 0: every DP rank owns and saves its own
 slice); fp32 main parameters are saved as megatron's (one copy, DP rank 0); the step counter, skip count and the DP
-size are common state. Loading at another DP size is refused (:func:`check_checkpoint_data_parallel_size` names both
-sizes before anything is read; ``dist_checkpointing.load`` alone fails on the momentum's global shape).
+size are common state. Loading at another DP size follows the step policy (:mod:`distlion_ds.optim.policy`, rule 4,
+shared with the DeepSpeed seam): rank ``r`` loads the momentum saved by rank ``r % N_saved``. Call
+:func:`prepare_checkpoint_load` (it reads the checkpoint's common state) before building the loading
+``sharded_state_dict``, so the momentum's DP axis has the saved size and this rank reads its source slice.
 """
 
 from __future__ import annotations
@@ -241,6 +243,7 @@ class DistributedLionOptimizer(MegatronOptimizer):
         self.tp_group = tp_group
         self.exchange = VoteExchange(self.dp_group, aggregation)
         self.dp_size, self.dp_rank = self.exchange.world_size, self.exchange.rank
+        self.load_data_parallel_size: int | None = None  # the checkpoint's DP size while loading one (policy rule 4)
         self._step = 0
         self._steps_seen = 0
         self._early_count = 0
@@ -636,7 +639,8 @@ class DistributedLionOptimizer(MegatronOptimizer):
         Args:
             model_sharded_state_dict: the model chunks' sharded state dict (with ``keep_vars=True`` parameters, as
                 megatron's ``sharded_state_dict()`` gives).
-            is_loading: unused (the same structure either way; the tensors are this optimizer's own buffers).
+            is_loading: when loading and :func:`prepare_checkpoint_load` found another DP size, the momentum's DP
+                axis has the saved size and this rank reads saved rank ``dp_rank % N_saved``.
             metadata: unused.
         Returns:
             A dict with ShardedTensors for every parameter's per-DP-rank momentum and the fp32 main parameters.
@@ -648,7 +652,7 @@ class DistributedLionOptimizer(MegatronOptimizer):
         )
 
         id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self._model_params)
-        momentum, masters = {}, {}
+        momentum, masters, unused = {}, {}, {}
         i = 0
         for b in self._buckets:
             for p, off, _ in b.params:
@@ -658,7 +662,17 @@ class DistributedLionOptimizer(MegatronOptimizer):
                                      f"{'no ShardedTensor' if sh is None else type(sh).__name__} in "
                                      "model_sharded_state_dict; pass model.sharded_state_dict() of the same chunks")
                 m = b.exp_avg[off: off + p.numel()].view(p.shape)
-                momentum[str(i)] = self._per_dp_rank(sh, m)
+                if is_loading and self.load_data_parallel_size is not None:
+                    # Another DP size (policy rule 4): read saved rank dp_rank % n. dist_checkpointing checks that
+                    # the reads cover every saved slice once as a main replica, so growing, the ranks reading the
+                    # same slice are replicas (dp_rank // n), and shrinking, rank r also reads the slices of the
+                    # dropped ranks r + dp, r + 2 dp, ... into scratch buffers that are not used.
+                    n = self.load_data_parallel_size
+                    momentum[str(i)] = self._per_dp_rank(sh, m, n, self.dp_rank % n, self.dp_rank // n)
+                    for slot in range(self.dp_rank + self.dp_size, n, self.dp_size):
+                        unused[f"{i}.{slot}"] = self._per_dp_rank(sh, torch.empty_like(m), n, slot, 0)
+                else:
+                    momentum[str(i)] = self._per_dp_rank(sh, m, self.dp_size, self.dp_rank, 0)
                 if b.master is not None:
                     masters[str(i)] = make_sharded_optimizer_tensor(
                         sh, b.master[off: off + p.numel()].view(p.shape), prefix=MASTER_PREFIX)
@@ -667,22 +681,26 @@ class DistributedLionOptimizer(MegatronOptimizer):
                "exp_avg": momentum}
         if masters:
             out["fp32_param"] = masters
+        if unused:
+            out["exp_avg_not_loaded"] = unused
         return out
 
-    def _per_dp_rank(self, sh, data: torch.Tensor):
-        """The model parameter's ShardedTensor with a leading data-parallel axis; this DP rank owns its slice."""
+    def _per_dp_rank(self, sh, data: torch.Tensor, n: int, slot: int, dp_replica: int):
+        """The model parameter's ShardedTensor with a leading data-parallel axis of ``n`` slices, at ``slot``; saving,
+        each DP rank owns its own slice (``slot`` = its rank, ``dp_replica`` 0)."""
+        r = slot
         rid = sh.replica_id
         if not isinstance(rid, tuple) or not rid:
             raise ValueError(f"sharded_state_dict: {sh.key} has replica_id {rid!r}; expected megatron's tuple "
                              "(..., data-parallel rank)")
         return replace(
             sh, key=f"{MOMENTUM_PREFIX}.{sh.key}", data=data, dtype=data.dtype,
-            global_shape=(self.dp_size, *sh.global_shape), global_offset=(self.dp_rank, *sh.global_offset),
-            axis_fragmentations=(self.dp_size, *sh.axis_fragmentations) if sh.axis_fragmentations else None,
+            global_shape=(n, *sh.global_shape), global_offset=(r, *sh.global_offset),
+            axis_fragmentations=(n, *sh.axis_fragmentations) if sh.axis_fragmentations else None,
             prepend_axis_num=sh.prepend_axis_num + 1,
             # The last element of megatron's replica_id is the DP rank (the replica of the parameter); momentum is
             # not replicated across DP, so each DP rank is the main copy of its own slice.
-            replica_id=(*rid[:-1], 0), allow_shape_mismatch=False)
+            replica_id=(*rid[:-1], dp_replica), allow_shape_mismatch=False)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a ``state_dict()`` (``torch.save`` per rank) or a ``dist_checkpointing.load`` of
@@ -695,7 +713,10 @@ class DistributedLionOptimizer(MegatronOptimizer):
         if not isinstance(common, dict) or common.get("format") != FORMAT:
             raise ValueError(f"load_state_dict: not a DistributedLionOptimizer state (format "
                              f"{common.get('format') if isinstance(common, dict) else None!r}, expected {FORMAT!r})")
-        policy.check_data_parallel_size(common["data_parallel_size"], self.dp_size)
+        # Another DP size: a dist_checkpointing load already read the source rank's slice (prepare_checkpoint_load);
+        # a per-rank state_dict() is whichever file the caller chose (policy rule 4: rank r % N_saved's).
+        policy.momentum_source_rank(int(common["data_parallel_size"]), self.dp_size, self.dp_rank)
+        self.load_data_parallel_size = None
         groups = state_dict["param_groups"]
         if len(groups) != len(self.optimizer.param_groups):
             raise ValueError(f"load_state_dict: {len(groups)} param groups saved, {len(self.optimizer.param_groups)} "
@@ -830,11 +851,15 @@ def get_optimizer(config: Any, model_chunks: list, *, aggregation: str = "mavo",
                                     **kwargs)
 
 
-def check_checkpoint_data_parallel_size(checkpoint_dir: str, optimizer: DistributedLionOptimizer) -> None:
-    """Before ``dist_checkpointing.load``: refuse a checkpoint whose D-Lion momentum was saved at another DP size.
+def prepare_checkpoint_load(checkpoint_dir: str, optimizer: DistributedLionOptimizer) -> int | None:
+    """Before building the loading ``sharded_state_dict``: read the checkpoint's D-Lion data-parallel size.
 
-    Reads only the checkpoint's common state. Raises ``ValueError`` naming both sizes (policy); does nothing when
-    the checkpoint holds no DistributedLionOptimizer state.
+    Reads only the checkpoint's common state. When it differs from this run's, the optimizer's loading
+    ``sharded_state_dict`` gives the momentum the saved DP axis and this rank reads saved rank ``dp_rank % N_saved``
+    (policy rule 4, logged once).
+
+    Returns:
+        The saved data-parallel size, or None when the checkpoint holds no DistributedLionOptimizer state.
     """
     from megatron.core import dist_checkpointing
 
@@ -851,6 +876,10 @@ def check_checkpoint_data_parallel_size(checkpoint_dir: str, optimizer: Distribu
         return None
 
     saved = find(common)
-    if saved is not None:
-        policy.check_data_parallel_size(saved["data_parallel_size"], optimizer.dp_size,
-                                        what=f"checkpoint {checkpoint_dir}")
+    if saved is None:
+        optimizer.load_data_parallel_size = None
+        return None
+    n = int(saved["data_parallel_size"])
+    policy.momentum_source_rank(n, optimizer.dp_size, optimizer.dp_rank, what=f"checkpoint {checkpoint_dir}")
+    optimizer.load_data_parallel_size = n if n != optimizer.dp_size else None
+    return n

@@ -25,10 +25,16 @@ What a training step does around the vote exchange, independent of the engine th
 4. **Momentum checkpoint rules.** Each data-parallel rank's momentum differs (it is never communicated), so every
    rank's momentum is saved, keyed by its data-parallel rank, together with the step counter (identical on every
    rank). Parameters (and fp32 master weights) are identical across data parallelism and are saved once.
-   Loading into a different data-parallel size is refused (:func:`check_data_parallel_size`): a momentum per voter
-   does not map onto another number of voters (averaging them would be a different optimizer, dropping or
-   duplicating them silently biases the vote), and a resume that silently resets momentum is a different run.
-   Restart from the checkpoint's parameters without its optimizer state to change the size.
+   Loading into another data-parallel size (a preempted node not coming back, a node added): rank ``r`` of the new
+   run loads the momentum saved by rank ``r % N_saved`` (:func:`momentum_source_rank`), with a warning; the step
+   counter is kept. Why: each saved momentum is an EMA of one worker's local gradients; with data sharded i.i.d.
+   across workers any of them is a valid state for a worker, so every new rank starts from a real, warmed-up worker
+   momentum. Resetting to zero would make the next ~1/(1-beta2) steps (100 at beta2=0.99) vote on the sign of single
+   noisy gradients (a cold restart); averaging the saved momenta would give every rank the same momentum, so the
+   first votes would be perfectly correlated, removing the per-worker diversity majority voting relies on. Growing,
+   ranks ``r`` and ``r + N_saved`` start equal and decorrelate as their own gradients enter; shrinking, the momenta
+   of the dropped ranks are not used. (Hierarchical D-Lion, where each rank holds one shard of its node's momentum,
+   refuses another layout instead.) Used by the DeepSpeed seam and the megatron-core optimizer alike.
 """
 
 from __future__ import annotations
@@ -151,15 +157,21 @@ class SkipCounter:
         logger.warning(msg)
 
 
-def check_data_parallel_size(saved: int, current: int, *, what: str = "checkpoint") -> None:
-    """Refuse to load per-rank momentum saved at another data-parallel size (module docstring, rule 4).
+def momentum_source_rank(saved: int, current: int, rank: int, *, what: str = "checkpoint") -> int:
+    """The data-parallel rank whose saved momentum rank ``rank`` of this run loads (module docstring, rule 4).
 
-    Raises:
-        ValueError: naming both sizes and the way out.
+    Args:
+        saved: the data-parallel size the momentum was saved with.
+        current: this run's data-parallel size.
+        rank: this rank's data-parallel rank.
+        what: the checkpoint, for the warning.
+    Returns:
+        ``rank % saved``; logs a warning (from data-parallel rank 0) when the sizes differ.
     """
-    if saved != current:
-        raise ValueError(
-            f"D-Lion {what}: the momentum was saved by data_parallel_size={saved} ranks (one momentum per rank) and "
-            f"this run has data_parallel_size={current}. Per-rank momentum does not map onto another number of "
-            f"voters: resume with data_parallel_size={saved}, or load only the model weights (no optimizer state) "
-            "and start the optimizer afresh")
+    if saved < 1 or current < 1 or not 0 <= rank < current:
+        raise ValueError(f"momentum_source_rank: saved={saved}, current={current}, rank={rank}")
+    if saved != current and rank == 0:
+        logger.warning("D-Lion %s: momentum saved by %d data-parallel ranks, loading into %d: rank r loads the "
+                       "momentum of saved rank r %% %d (step counter kept; see distlion_ds.optim.policy)",
+                       what, saved, current, saved)
+    return rank % saved

@@ -190,9 +190,9 @@ def load_checkpoint(root: str, *, chunks: list, opt, sched, layout: dict, ranks:
         raise ValueError(f"--load {root}: saved with {common.get('layout')} ({common.get('format')}), this run is "
                          f"{layout} ({FORMAT}); resume with the arguments it was saved with, or train without --load")
     if distlion and hasattr(opt, "sharded_state_dict"):
-        from distlion_ds.megatron import check_checkpoint_data_parallel_size
+        from distlion_ds.megatron import prepare_checkpoint_load
 
-        check_checkpoint_data_parallel_size(str(folder), opt)
+        prepare_checkpoint_load(str(folder), opt)
     loaded = dist_checkpointing.load(sharded_state(chunks, opt, sched, common={}, is_loading=True), str(folder))
     for key, chunk in zip(_model_keys(chunks), chunks, strict=True):
         chunk.module.load_state_dict(loaded[key])
