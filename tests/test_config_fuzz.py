@@ -49,7 +49,9 @@ def unknown_key(allowed):
 
 # ----------------------------------------------------------------------------------------------- DeepSpeed
 PARAM_KEYS = {"lr", "betas", "weight_decay", "aggregation", "raise_on_nonfinite", "check_replicas_every",
-              "bucket_numel", "rounding_seed", "intra_node_size", "local_steps", "inner_optimizer"}
+              "bucket_numel", "rounding_seed"}
+# Every key DistributedLionParams knows (an "unknown" key must be none of them)
+KNOWN_PARAM_KEYS = PARAM_KEYS | {"intra_node_size", "local_steps", "inner_optimizer"}
 beta = st.one_of(st.floats(min_value=0.0, max_value=0.999999, allow_nan=False), st.just(0))
 PARAMS_VALID = {
     "lr": positive_number(),
@@ -117,7 +119,7 @@ def deepspeed_examples(draw):
         cfg["optimizer"]["params"][key] = draw(PARAMS_INVALID[key])
         needle = f"optimizer.params.{key}"
     elif kind == "param_unknown":
-        key = draw(unknown_key(PARAM_KEYS))
+        key = draw(unknown_key(KNOWN_PARAM_KEYS))
         cfg["optimizer"]["params"][key] = draw(st.integers())
         needle = f"optimizer.params.{key}"
     elif kind == "top":
@@ -393,3 +395,9 @@ def test_compression_config_fuzz(example, form, tmp_path_factory):
     if form == "file":
         assert source in msg, msg
 
+
+
+def test_known_param_keys_are_the_models_fields():
+    from distlion_ds.deepspeed.config import DistributedLionParams
+
+    assert KNOWN_PARAM_KEYS == set(DistributedLionParams.model_fields)

@@ -89,8 +89,14 @@ MEGATRON_METHODS = {
     "adam+uncompressed": ["--optimizer", "adam"],
     "dlion_mavo+topk10_q8": ["--optimizer", "distlion", "--aggregation", "mavo",
                              "--p2p-compression", "configs/compression/topk10_q8.json"],
-    "dlion_mavo+topk10_q8+overlap": ["--optimizer", "distlion", "--aggregation", "mavo", "--overlap-grad-reduce",
-                                     "--p2p-compression", "configs/compression/topk10_q8.json"],
+    # overlap on vs off: clipping off in both (a clip coefficient needs every bucket's gradient, so clipping
+    # keeps every vote in the step) and 8 DDP buckets of 2**20 elements instead of megatron-core's one
+    "dlion_mavo+topk10_q8+noclip": ["--optimizer", "distlion", "--aggregation", "mavo", "--clip-grad", "0",
+                                    "--ddp-bucket-size", str(1 << 20),
+                                    "--p2p-compression", "configs/compression/topk10_q8.json"],
+    "dlion_mavo+topk10_q8+noclip+overlap": ["--optimizer", "distlion", "--aggregation", "mavo", "--clip-grad", "0",
+                                            "--ddp-bucket-size", str(1 << 20), "--overlap-grad-reduce",
+                                            "--p2p-compression", "configs/compression/topk10_q8.json"],
     "dlion_mavo+topk10_q8+tied_q8": ["--optimizer", "distlion", "--aggregation", "mavo",
                                      "--p2p-compression", "configs/compression/topk10_q8.json",
                                      "--tied-embedding-compression", TIED_Q8],
@@ -111,7 +117,8 @@ def run_megatron3d(net: SlowNet, args, out_dir: Path, tag: str, port: int, timeo
     megatron-core orders ranks tp-cp-ep-dp-pp, so rank r sits on host r // 2: TP pairs share a host, the DP pairs
     (hosts 0-1, 2-3) and the PP pairs (hosts 0-2, 1-3) cross the shaped links."""
     rows = []
-    for k, (method, extra) in enumerate(MEGATRON_METHODS.items()):
+    methods = {m: a for m, a in MEGATRON_METHODS.items() if not args.mega_methods or m in args.mega_methods.split(",")}
+    for k, (method, extra) in enumerate(methods.items()):
         run_dir = out_dir / f"{tag}_{method.replace('+', '_')}"
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "distlion_ds.megatron.pretrain_gpt",
@@ -154,7 +161,8 @@ def run_megatron3d(net: SlowNet, args, out_dir: Path, tag: str, port: int, timeo
                          p2p_bytes=None if p2p[0] is None else sum(x["bytes_sent"] for x in p2p) / iters,
                          emb_bytes=(wire["embedding_allreduce"] or 0) / iters,
                          host_tx_bytes=statistics.fmean(sent) / iters,
-                         replicas_identical=summary["dp_replicas_identical"], final_loss=summary["losses"][-1]))
+                         replicas_identical=summary["dp_replicas_identical"], final_loss=summary["losses"][-1],
+                         early_buckets=(wire["dlion"] or {}).get("early_buckets")))
     for r in rows:  # against AdamW + uncompressed with the same embedding tying
         untied = r["method"].endswith("+untied")
         base = next(b for b in rows if b["method"].startswith("adam") and b["method"].endswith("+untied") == untied)
@@ -364,6 +372,8 @@ def main(argv=None) -> int:
                     help="comma list of: dp, pp, 3d, hier, megatron3d")
     ap.add_argument("--mega-hidden", type=int, default=512, help="megatron3d: hidden size (4 layers, 8 heads)")
     ap.add_argument("--mega-iters", type=int, default=6, help="megatron3d: iterations per method")
+    ap.add_argument("--mega-methods", default="", help="megatron3d: comma list of methods (default: all of "
+                    "MEGATRON_METHODS); AdamW + uncompressed with the same tying is the baseline, so keep it in")
     ap.add_argument("--bandwidth", default="10gbit,1gbit,100mbit")
     ap.add_argument("--latency", default="0.1ms,5ms", help="one-way host-to-host latency")
     ap.add_argument("--models", default="gpt10m,gpt50m", help="dp models (benchmarks/slownet/models.py)")

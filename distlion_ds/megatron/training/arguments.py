@@ -34,6 +34,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="megatron-core DDP: start each bucket's DP exchange (all-reduce, or D-Lion's vote "
                         "all_to_all) during the last micro-batch's backward")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="megatron-core DDP: elements per gradient bucket (default: megatron-core's); D-Lion votes "
+                        "per bucket, so with --overlap-grad-reduce smaller buckets leave earlier")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="process-group timeout: a stalled peer fails every rank after this long (torch's default "
                         "is 30 minutes)")
@@ -135,6 +138,8 @@ def parse_args(argv: list[str] | None = None, description: str = "GPT pretrainin
     if not args.lr > 0:
         ap.error(f"--lr must be > 0, got {args.lr}")
     args.distlion = args.distlion or args.optimizer == "distlion"
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        ap.error(f"--ddp-bucket-size must be >= 1, got {args.ddp_bucket_size}")
     if args.dlion_intra_node_size < 1:
         ap.error(f"--dlion-intra-node-size must be >= 1, got {args.dlion_intra_node_size}")
     if args.dlion_intra_node_size > 1 and not args.distlion:

@@ -86,10 +86,11 @@ def ddp_config(args) -> Any:
 
     from distlion_ds.megatron import ddp_config_for_dlion
 
+    bucket = {} if args.ddp_bucket_size is None else {"bucket_size": args.ddp_bucket_size}
     if args.distlion and args.dlion_local_steps == 1:
-        return ddp_config_for_dlion(overlap_grad_reduce=args.overlap_grad_reduce)
+        return ddp_config_for_dlion(overlap_grad_reduce=args.overlap_grad_reduce, **bucket)
     return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-                                         use_distributed_optimizer=False)
+                                         use_distributed_optimizer=False, **bucket)
 
 
 def build_model(args, layout, vocab_size: int, finalize_model_grads) -> tuple[Any, list]:
