@@ -54,6 +54,9 @@ import torch
 from distlion_ds.comm import VoteExchange, gather_fingerprints, gather_objects, local_checksum
 from distlion_ds.kernels.lion import AGGREGATIONS, lion_apply, lion_votes
 
+from . import policy
+from .lion import check_lion_hyperparameters
+
 logger = logging.getLogger(__name__)
 
 # 2**25 elements -> 4 MiB of packed votes per bucket: large enough that per-collective latency (ms on a slow
@@ -145,12 +148,7 @@ class DistributedLion(torch.optim.Optimizer):
                  raise_on_nonfinite: bool = False, check_replicas_every: int | None = None,
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL, rounding_seed: int | None = 0,
                  intra_node_size: int = 1, node_groups: list[list[int]] | None = None):
-        if isinstance(lr, bool) or not lr > 0.0:
-            raise ValueError(f"Invalid lr: {lr} (must be > 0)")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Invalid betas: {betas} (two values in [0, 1))")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        check_lion_hyperparameters(lr, betas, weight_decay)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"Invalid aggregation: {aggregation!r} (allowed: {', '.join(AGGREGATIONS)})")
         if check_replicas_every is None:
@@ -176,7 +174,7 @@ class DistributedLion(torch.optim.Optimizer):
         self._layout_key: tuple | None = None
         self._flags: dict[torch.device, torch.Tensor] = {}
         self._steps = 0
-        self._skipped = 0
+        self._skips = policy.SkipCounter("DistributedLion", raise_on_nonfinite)
         self.intra_node_size = intra_node_size
         self._hier = None
         if intra_node_size > 1 or node_groups is not None:
@@ -440,13 +438,13 @@ class DistributedLion(torch.optim.Optimizer):
         if self.check_replicas_every and t % self.check_replicas_every == 0:
             self.check_replicas()
 
+    @property
+    def _skipped(self) -> int:
+        return self._skips.skipped
+
     def _skip(self, t: int, loss):
-        self._skipped += 1
-        msg = (f"DistributedLion: a non-finite gradient on at least one rank at step {t}; "
-               f"the step is skipped on every rank ({self._skipped} skipped so far)")
-        if self.raise_on_nonfinite:
-            raise FloatingPointError(msg)
-        logger.warning(msg)
+        self._skips.raise_on_nonfinite = self.raise_on_nonfinite  # a public attribute: may change between steps
+        self._skips.record(t)  # the step policy's count and message (shared with the megatron-core optimizer)
         return loss
 
     # ------------------------------------------------------------------------------------------ stats

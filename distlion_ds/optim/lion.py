@@ -63,6 +63,16 @@ def lion_update_ref(param: torch.Tensor, grad: torch.Tensor | None, exp_avg: tor
     return new_p, new_m
 
 
+def check_lion_hyperparameters(lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+    """``ValueError`` naming the argument, as torch.optim does, for every Lion-family optimizer here."""
+    if isinstance(lr, bool) or not lr > 0.0:
+        raise ValueError(f"Invalid lr: {lr} (must be > 0)")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Invalid betas: {betas} (two values in [0, 1))")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+
+
 class Lion(torch.optim.Optimizer):
     """Single-process Lion with the zero rule (D-Lion at N = 1): the local inner optimizer of local-step D-Lion.
 
@@ -72,12 +82,7 @@ class Lion(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
-        if isinstance(lr, bool) or not lr > 0.0:
-            raise ValueError(f"Invalid lr: {lr} (must be > 0)")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Invalid betas: {betas} (two values in [0, 1))")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        check_lion_hyperparameters(lr, betas, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
 
     @torch.no_grad()
