@@ -104,3 +104,4 @@ def test_readme_demo_table_is_what_the_demo_prints():
     assert bits["adamw"] == bits["lion"] == 48.0
     assert bits["dlion_mavo"] == pytest.approx(1.5, rel=0.01)
     assert bits["dlion_avg"] == pytest.approx(3.0, rel=0.01)
+    assert bits["dlion_local"] == pytest.approx(0.15, rel=0.01)  # 2(N-1)/N/H, H = 10
