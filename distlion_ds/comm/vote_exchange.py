@@ -135,6 +135,14 @@ def set_timeout_everywhere(timeout: datetime.timedelta) -> int:
     return count
 
 
+def _backend_device(group) -> torch.device:
+    """Where a small control tensor must live for a collective on ``group``: the current CUDA device under NCCL,
+    else the CPU (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def raise_together(error: BaseException | None, explain) -> None:
     """Every rank learns which ranks failed a local step (one all_reduce of N int32 over the world); then each
     failed rank raises its own ``error`` and every other rank a ``RuntimeError(explain(failed_ranks))``.
@@ -144,7 +152,9 @@ def raise_together(error: BaseException | None, explain) -> None:
     """
     failed = torch.zeros(dist.get_world_size(), dtype=torch.int32)
     failed[dist.get_rank()] = error is not None
-    dist.all_reduce(failed)
+    on_backend = failed.to(_backend_device(None))  # NCCL reduces device tensors only
+    dist.all_reduce(on_backend)
+    failed = on_backend.cpu()
     if error is not None:
         raise error
     if failed.any():
@@ -395,8 +405,7 @@ def gather_fingerprints(values: dict[str, torch.Tensor | int], group=None, *, st
         else torch.zeros(0, dtype=torch.int64)
     if world == 1:
         return {n: [int(local[i])] for i, n in enumerate(names)}
-    backend_device = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    backend_device = _backend_device(group)
     local = local.to(backend_device)
     out = torch.empty(world, len(names), dtype=torch.int64, device=backend_device)
     run_collective(f"all_gather of {len(names)} fingerprints",
