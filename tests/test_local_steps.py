@@ -293,10 +293,13 @@ def test_load_state_dict_checks_local_steps():
         b.load_state_dict(torch.optim.SGD([p], lr=0.1).state_dict())
 
 
-def test_schedulers_drive_the_inner_lr_also_after_loading():
+@pytest.mark.parametrize("outer", ["LocalStepsLion", "DiLoCo"])
+def test_schedulers_drive_the_inner_lr_also_after_loading(outer):
+    from distlion_ds.optim.diloco import DiLoCo
+
     p = torch.nn.Parameter(torch.zeros(8))
     inner = torch.optim.AdamW([p], lr=0.1)
-    opt = LocalStepsLion([p], inner, 2, lr=0.01)
+    opt = {"LocalStepsLion": LocalStepsLion, "DiLoCo": DiLoCo}[outer]([p], inner, 2, lr=0.01)
     state = copy.deepcopy(opt.state_dict())
     opt.load_state_dict(state)  # torch's load_state_dict replaces the inner optimizer's param_groups list
     assert opt.param_groups is inner.param_groups and opt.state is inner.state
@@ -306,4 +309,4 @@ def test_schedulers_drive_the_inner_lr_also_after_loading():
         opt.step()
         sched.step()
     assert inner.param_groups[0]["lr"] == 0.1 * 0.5 ** 3
-    assert opt.outer.param_groups[0]["lr"] == 0.01
+    assert opt.outer.param_groups[0]["lr"] == 0.01  # the outer lr is not the scheduler's

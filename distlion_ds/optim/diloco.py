@@ -44,6 +44,8 @@ from distlion_ds.comm import gather_fingerprints, local_checksum
 from distlion_ds.comm.shard_exchange import ShardExchange
 from distlion_ds.kernels.quantize import MAX_BLOCK_SIZE, dequantize, quantize
 
+from .local_steps import InnerOptimizerView, check_same_parameters
+
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "diloco"
@@ -57,7 +59,7 @@ def _hash64(value) -> int:
     return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
 
 
-class DiLoCo(torch.optim.Optimizer):
+class DiLoCo(InnerOptimizerView, torch.optim.Optimizer):
     """DiLoCo's outer loop around a user-built inner optimizer (see the module docstring).
 
     Args:
@@ -105,13 +107,7 @@ class DiLoCo(torch.optim.Optimizer):
         trainable = [p for p in params if p.requires_grad]
         if not trainable:
             raise ValueError("DiLoCo: no trainable parameters (requires_grad=True)")
-        inner_params = [p for g in inner.param_groups for p in g["params"]]
-        mine, theirs = {id(p) for p in trainable}, {id(p) for p in inner_params if p.requires_grad}
-        if mine != theirs:
-            raise ValueError(
-                f"DiLoCo: the trainable parameters ({len(mine)}) and the inner optimizer's ({len(theirs)}) differ "
-                f"({len(mine - theirs)} only here, {len(theirs - mine)} only in inner): build the inner optimizer on "
-                "the same parameters")
+        check_same_parameters("DiLoCo", trainable, inner)
         devices = {p.device for p in trainable}
         if len(devices) != 1:
             raise ValueError(f"DiLoCo: parameters on several devices {sorted(map(str, devices))}; one device only")
@@ -147,10 +143,9 @@ class DiLoCo(torch.optim.Optimizer):
         self._rounds = 0
         self._skipped = 0
         self._check_agreement()
-        super().__init__(inner_params, {})
-        self.param_groups = inner.param_groups
+        super().__init__([p for g in inner.param_groups for p in g["params"]], {})
         self.defaults = inner.defaults
-        self.state = inner.state
+        self._delegating = True  # param_groups / state: the inner optimizer's (InnerOptimizerView)
 
     # ------------------------------------------------------------------------------------------ agreement
     def _check_agreement(self) -> None:

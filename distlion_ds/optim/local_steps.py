@@ -42,6 +42,19 @@ logger = logging.getLogger(__name__)
 STATE_KEY = "local_steps_lion"
 
 
+def check_same_parameters(owner: str, trainable: list[torch.Tensor], inner) -> None:
+    """An outer optimizer over local steps and its inner optimizer must own the same trainable parameters: a
+    parameter only the inner one steps would drift apart across the replicas, one only the outer one holds would
+    never train. ``ValueError`` naming both counts otherwise."""
+    mine = {id(p) for p in trainable}
+    theirs = {id(p) for g in inner.param_groups for p in g["params"] if p.requires_grad}
+    if mine != theirs:
+        raise ValueError(
+            f"{owner}: the trainable parameters ({len(mine)}) and the inner optimizer's ({len(theirs)}) differ "
+            f"({len(mine - theirs)} only here, {len(theirs - mine)} only in inner): build the inner optimizer on "
+            "the same parameters, or the replicas would drift apart")
+
+
 class _OuterLion(DistributedLion):
     """The outer D-Lion: DistributedLion whose agreement check also compares the number of local steps."""
 
@@ -62,7 +75,41 @@ def _as_groups(params) -> list[dict]:
     return [{"params": params}]
 
 
-class LocalStepsLion(torch.optim.Optimizer):
+class InnerOptimizerView:
+    """``param_groups`` and ``state`` of an outer optimizer over local steps are the inner optimizer's: LR schedulers
+    (torch's, DeepSpeed's) drive the inner learning rate. Read through, not copied: torch's ``load_state_dict``
+    replaces the inner optimizer's lists, and a copied attribute would go stale (a scheduler would then drive a list
+    nobody reads). Set ``self.inner`` first and ``self._delegating = True`` after ``torch.optim.Optimizer.__init__``.
+    """
+
+    @property
+    def param_groups(self) -> list[dict]:
+        if self.__dict__.get("_delegating"):
+            return self.inner.param_groups
+        return self.__dict__["_base_param_groups"]
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        if self.__dict__.get("_delegating"):
+            self.inner.param_groups = value
+        else:
+            self.__dict__["_base_param_groups"] = value
+
+    @property
+    def state(self):
+        if self.__dict__.get("_delegating"):
+            return self.inner.state
+        return self.__dict__["_base_state"]
+
+    @state.setter
+    def state(self, value) -> None:
+        if self.__dict__.get("_delegating"):
+            self.inner.state = value
+        else:
+            self.__dict__["_base_state"] = value
+
+
+class LocalStepsLion(InnerOptimizerView, torch.optim.Optimizer):
     """D-Lion as the outer optimizer of H local steps of ``inner`` (see the module docstring for the contract).
 
     Args:
@@ -99,12 +146,7 @@ class LocalStepsLion(torch.optim.Optimizer):
         groups = _as_groups(params)
         trainable = [p for g in groups for p in g["params"] if p.requires_grad]
         inner_params = [p for g in inner.param_groups for p in g["params"]]
-        mine, theirs = {id(p) for p in trainable}, {id(p) for p in inner_params if p.requires_grad}
-        if mine != theirs:
-            raise ValueError(
-                f"LocalStepsLion: the trainable parameters ({len(mine)}) and the inner optimizer's "
-                f"({len(theirs)}) differ ({len(mine - theirs)} only here, {len(theirs - mine)} only in inner): "
-                "build the inner optimizer on the same parameters, or the replicas of the others would drift apart")
+        check_same_parameters("LocalStepsLion", trainable, inner)
         self.inner = inner
         self.local_steps = local_steps
         self._groups = groups
@@ -126,34 +168,6 @@ class LocalStepsLion(torch.optim.Optimizer):
         super().__init__(inner_params, {})
         self.defaults = getattr(inner, "defaults", {})  # MegatronOptimizer has none
         self._delegating = True
-
-    # param_groups / state are read through to the inner optimizer, which replaces its lists in load_state_dict
-    # (an attribute copied once would go stale, and a scheduler would then drive a list nobody reads).
-    @property
-    def param_groups(self) -> list[dict]:
-        if self.__dict__.get("_delegating"):
-            return self.inner.param_groups
-        return self.__dict__["_base_param_groups"]
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict]) -> None:
-        if self.__dict__.get("_delegating"):
-            self.inner.param_groups = value
-        else:
-            self.__dict__["_base_param_groups"] = value
-
-    @property
-    def state(self):
-        if self.__dict__.get("_delegating"):
-            return self.inner.state
-        return self.__dict__["_base_state"]
-
-    @state.setter
-    def state(self, value) -> None:
-        if self.__dict__.get("_delegating"):
-            self.inner.state = value
-        else:
-            self.__dict__["_base_state"] = value
 
     # ------------------------------------------------------------------------------------------ outer set-up
     def _build_outer(self) -> None:
