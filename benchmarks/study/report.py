@@ -234,7 +234,8 @@ def demo_section(results: list[dict]) -> str:
         runs = [r for r in results if r["method"] == m]
         if runs:
             b = min(runs, key=lambda r: r["final_val_loss"])
-            picks.append(f"{m} lr {b['lr']:g} / wd {b['wd']:g} ({b['final_val_loss']:.4f})")
+            picks.append(f"{m} lr {b['lr']:g} / wd {b['wd']:g} ({b['final_val_loss']:.4f}, "
+                         f"{b['bits_per_param_step']:.3g} bits/param/step)")
     if picks:
         lines += ["", "Best per method (seed 0 only: the seed spread at this scale is not measured here; claim 2 above "
                   "saw ~0.1 between two seeds of a pipeline run, so closer differences decide nothing): "
