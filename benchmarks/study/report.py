@@ -189,9 +189,9 @@ def plots(rows: list[dict], docs: pathlib.Path) -> list[pathlib.Path]:
             spec = parse_method(r["method"])
             style = styles.get(r["method"]) or {"local_dlion": "-", "diloco": "--" if spec["quantization"] else ":"}[
                 spec["kind"]]
-            color = None if r["method"] in styles else f"C{1 + i % 9}"
-            ax.plot([p[xkey] for p in pts], [p["val_loss"] for p in pts], style, color=color, marker=".",
-                    label=f"{r['method']} (lr {run['lr']:g})")
+            color = {} if r["method"] in styles else {"color": f"C{1 + i % 9}"}  # color=None would override style
+            ax.plot([p[xkey] for p in pts], [p["val_loss"] for p in pts], style, marker=".",
+                    label=f"{r['method']} (lr {run['lr']:g})", **color)
         if xkey != "step":
             ax.set_xscale("log")
             ax.set_xlabel("bytes sent per worker (cumulative)")
