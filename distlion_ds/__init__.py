@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "DiLoCo": "distlion_ds.optim.diloco",
     "DistributedLion": "distlion_ds.optim.distributed_lion",
     "LocalStepsLion": "distlion_ds.optim.local_steps",
     "lion_update_ref": "distlion_ds.optim.lion",
@@ -20,11 +21,12 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from distlion_ds.deepspeed.engine import initialize
+    from distlion_ds.optim.diloco import DiLoCo
     from distlion_ds.optim.distributed_lion import DistributedLion
     from distlion_ds.optim.lion import lion_update_ref
     from distlion_ds.optim.local_steps import LocalStepsLion
 
-__all__ = ["DistributedLion", "LocalStepsLion", "initialize", "lion_update_ref", "__version__"]
+__all__ = ["DiLoCo", "DistributedLion", "LocalStepsLion", "initialize", "lion_update_ref", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

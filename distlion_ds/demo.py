@@ -38,7 +38,7 @@ METHODS = {
     "adamw": dict(optimizer="adamw", lr=2e-3, weight_decay=0.0),
     "lion": dict(optimizer="lion", lr=8e-4, weight_decay=0.1),
     "dlion_mavo": dict(optimizer="dlion", aggregation="mavo", lr=4e-4, weight_decay=0.1),
-    "dlion_avg": dict(optimizer="dlion", aggregation="avg", lr=8e-4, weight_decay=0.5),
+    "dlion_avg": dict(optimizer="dlion", aggregation="avg", lr=8e-4, weight_decay=0.1),
     # Local-step D-Lion (issue 13): 10 AdamW steps per worker alone (lr 2e-3, wd 0.1, the schedule below), then one
     # 1-bit D-Lion outer step on the pseudo-gradient (outer lr 4e-3 on the same schedule, no outer weight decay).
     # 10 divides the 300 steps, so the run ends on an outer step (identical replicas).

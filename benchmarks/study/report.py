@@ -242,8 +242,13 @@ def demo_section(results: list[dict]) -> str:
                   + "; ".join(picks) + "."]
     n_done = len(results)
     n_planned = sum(len(lrs) * len(wds) for lrs, wds in DEMO_GRID.values())
-    lines += ["", f"Runs done: {n_done} / {n_planned}. The demo today uses AdamW lr 2e-3 / wd 0.1 and Lion, D-Lion "
-              "lr 4e-4 / wd 0.5 (never tuned before this sweep)."]
+    from distlion_ds.demo import METHODS
+
+    used = "; ".join(f"{name} lr {spec['lr']:g} / wd {spec['weight_decay']:g}" for name, spec in METHODS.items()
+                     if name in ("adamw", "lion", "dlion_mavo", "dlion_avg", "dlion_local"))
+    lines += ["", f"Runs done: {n_done} / {n_planned}. The demo (distlion_ds/demo.py) uses: {used} (before this "
+              "sweep: AdamW lr 2e-3 / wd 0.1, Lion and D-Lion lr 4e-4 / wd 0.5, never tuned). Its dlion_local is "
+              "local_dlion_H10: outer lr and weight decay shown, inner AdamW lr 2e-3 / wd 0.1 as in the sweep."]
     return "\n".join(lines)
 
 
