@@ -122,8 +122,11 @@ def test_megatron_entry_stalled_stage_ends_the_other(tiny_data, tmp_path):
     assert lines, out[-3000:]
     # The stall lands in whichever phase the last stage is in: the schedule's p2p (or finalize_model_grads'
     # tied-embedding all-reduce after it), or the optimizer step (its norm / flag all-reduces, the vote exchange).
+    # (a recv that megatron-core's schedule posts outside our communicator's wrapper names the phase only, as seen
+    # in a clean-clone CI run: "iteration 6: the pipeline schedule and finalize_model_grads (...) on a group of 2")
     assert re.search(r"(iteration|step) \d+: (the pipeline schedule and finalize_model_grads \(p2p send/recv, TP "
-                     r"collectives, tied-embedding and DP gradient all-reduces\): (pipeline p2p send/recv|.*all_reduce)"
+                     r"collectives, tied-embedding and DP gradient all-reduces\)"
+                     r"(: (pipeline p2p send/recv|.*all_reduce))?"
                      r"|the replica gradient-norm all-reduce|the non-finite flag all-reduce|all_to_all_single of bucket"
                      r"|the optimizer step) .*on a group of 2 ranks", lines[-1]), lines[-1]
     waited = float(re.search(r"failed after ([0-9.]+) s", lines[-1]).group(1))
