@@ -197,11 +197,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> Layout:
         raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                          f"--pipeline-model-parallel-size {pp}")
     dp = world_size // (tp * pp)
-    intra = getattr(args, "dlion_intra_node_size", 1)
-    if dp % intra:
-        raise ValueError(f"--dlion-intra-node-size {intra} does not divide the data-parallel "
-                         f"size {dp} (world {world_size} / tp {tp} / pp {pp}); every node must hold the same number "
-                         "of data-parallel ranks")
     if args.num_layers % pp:
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     vp = 1

@@ -75,11 +75,7 @@ def build_optimizer(args, chunks: list) -> tuple[Any, Any]:
         from .local_steps import build_local_steps_optimizer
 
         opt, inner = build_local_steps_optimizer(args, chunks, config, ps.get_data_parallel_group())
-    elif args.distlion:
-        if args.dlion_intra_node_size != 1:
-            raise ValueError(f"--dlion-intra-node-size {args.dlion_intra_node_size}: the megatron-core D-Lion "
-                             "optimizer votes flat over the data-parallel group; use 1 here (hierarchical D-Lion "
-                             "runs through distlion_ds.DistributedLion / the DeepSpeed config)")
+    elif args.distlion:  # (--dlion-intra-node-size > 1 is refused by the parser: this optimizer votes flat)
         from distlion_ds.megatron.plugin import build_distlion_optimizer
 
         opt = build_distlion_optimizer(args, config, chunks)
