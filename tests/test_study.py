@@ -4,6 +4,8 @@ Training itself is exercised by the harness's own smoke and resume runs (benchma
 are the parts whose mistakes would silently mislabel or drop results.
 """
 
+import dataclasses
+import json
 import pathlib
 import sys
 
@@ -30,6 +32,7 @@ def test_result_names():
     assert run_name("adamw", 2e-3, 0) == "adamw_lr0.002_s0"
     assert run_name("adamw", 2e-3, 1, wd=0.0) == "adamw_lr0.002_wd0.0_s1"  # a non-default wd is in the name
     assert run_name("lion", 4e-4, 0, wd=0.5) == "lion_lr0.0004_s0"  # the default is not
+    assert run_name("lion", 4e-4, 0, wd=0.1, suite=SUITES["study"]) == "lion_lr0.0004_s0"  # the study's default
     assert result_path(SUITES["demo"], "lion", 4e-4, 0).parent.name == "demo"
 
 
@@ -37,14 +40,31 @@ def test_plan_order_and_counts():
     runs = plan.planned_runs("study")
     assert len(runs) == 13 * 3 * 2
     assert len({(r["method"], r["lr"], r["seed"]) for r in runs}) == len(runs)
-    first = runs[:13]  # phase 1: every method once, seed 0, its middle lr
-    assert {r["method"] for r in first} == set(plan.STUDY_METHODS)
-    assert all(r["seed"] == 0 and r["lr"] == lr_grid(r["method"])[0] for r in first)
-    assert [r["method"] for r in first[:4]] == ["adamw", "local_dlion_H32", "diloco_fp32_H32", "diloco_int8_H32"]
+    # AdamW's middle lr, then the whole H=32 sweep of the first target (middles first), then DiLoCo-int8 at H=32.
+    head = [(r["method"], r["lr"]) for r in runs[:8]]
+    assert head[0] == ("adamw", 2e-3)
+    assert head[1:3] == [("local_dlion_H32", lr_grid("local_dlion_H32")[0]), ("diloco_fp32_H32", 0.4)]
+    assert sorted(head[1:7]) == sorted([(m, lr) for m in ("local_dlion_H32", "diloco_fp32_H32") for lr in lr_grid(m)])
+    assert head[7] == ("diloco_int8_H32", 0.4)
     assert all(r["seed"] == 0 for r in runs[:39]) and all(r["seed"] == 1 for r in runs[39:])
+    assert all(r["wd"] == 0.1 for r in runs)  # the study's Lion-family weight decay is the demo sweep's 0.1
     assert len(plan.planned_runs("study", int4=True)) == 16 * 3 * 2
     demo = plan.planned_runs("demo")
-    assert len(demo) == 43 and demo[0] == {"method": "adamw", "lr": 1e-3, "seed": 0, "wd": 0.1}
+    assert len(demo) == 44 and demo[0] == {"method": "adamw", "lr": 1e-3, "seed": 0, "wd": 0.1}
+
+
+def test_seed_one_starts_at_each_methods_seed_zero_best(tmp_path, monkeypatch):
+    suite = dataclasses.replace(SUITES["study"], results=tmp_path)
+    monkeypatch.setitem(plan.SUITES, "study", suite)
+    for lr, loss in zip(lr_grid("lion"), (3.9, 3.7, 3.8), strict=True):  # the low lr is lion's best
+        result_path(suite, "lion", lr, 0, 0.1).write_text(json.dumps({"final_val_loss": loss}))
+    seed1 = [r for r in plan.planned_runs("study") if r["seed"] == 1]
+    firsts = {}
+    for r in seed1:
+        firsts.setdefault(r["method"], r["lr"])
+    assert firsts["lion"] == lr_grid("lion")[1]
+    assert firsts["adamw"] == lr_grid("adamw")[0]  # no seed-0 results: the middle
+    assert [r for r in plan.pending("study") if r["method"] == "lion" and r["seed"] == 0] == []
 
 
 def test_steps_to_target_interpolates_between_validation_points():

@@ -3,9 +3,10 @@
     python -m benchmarks.study.plan [--suite study|demo] --budget-minutes 30 [--int4] [--dry-run]
                                     [--lock /tmp/distlion-heavy.lock] [--nice 10]
 
-Order (suite ``study``): seed 0 at the middle lr of every method (the runs that decide the targets; AdamW, then
-the H=32 local D-Lion / DiLoCo fp32 / DiLoCo int8 triple, D-Lion MaVo and Lion, then the rest), then seed 0 at the
-other two lrs, then seed 1 at all three (middle first). Suite ``demo``: the lr x weight-decay grid of
+Order (suite ``study``): AdamW at its middle lr, the whole seed-0 lr sweep of local D-Lion and DiLoCo-fp32 at
+H=32 (the first target), DiLoCo-int8 at H=32, the sweeps of D-Lion MaVo, global Lion and AdamW (the second target),
+every other method's middle lr, their other lrs; then seed 1, each method's seed-0 best lr first.
+Suite ``demo``: the lr x weight-decay grid of
 ``common.DEMO_GRID`` at the demo's scale, seed 0. A run whose result file exists is skipped; a run that was paused
 resumes from its checkpoint. Each run holds ``--lock`` (flock) only while it trains, so other heavy jobs of the
 machine interleave between runs; it runs under ``nice``. A run still going when the budget ends pauses at its next
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import logging
 import os
 import pathlib
@@ -50,14 +52,43 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
                         runs.append({"method": m, "lr": lrs[li], "seed": 0, "wd": wds[wi]})
         return runs
     methods = STUDY_METHODS + (OPTIONAL_METHODS if int4 else [])
-    # Phase 1 (seed 0, middle lr) in the order that decides the most per run: AdamW (the inner optimizer's
-    # reference), the H=32 triple of the issue's first target, the per-step D-Lion vs Lion pair, then the rest.
-    first = ["adamw", "local_dlion_H32", "diloco_fp32_H32", "diloco_int8_H32", "dlion_mavo", "lion"]
-    phase1 = [m for m in first if m in methods] + [m for m in methods if m not in first]
-    runs = [{"method": m, "lr": lr_grid(m)[0], "seed": SEEDS[0]} for m in phase1]
-    runs += [{"method": m, "lr": lr, "seed": SEEDS[0]} for m in methods for lr in lr_grid(m)[1:]]
-    runs += [{"method": m, "lr": lr, "seed": s} for s in SEEDS[1:] for m in methods for lr in lr_grid(m)]
-    return [dict(r, wd=default_wd(r["method"])) for r in runs]
+    runs: list[dict] = []
+
+    def add(ms: list[str], which: slice, seed: int = SEEDS[0]) -> None:
+        for i in range(3)[which]:  # interleaved: every method's i-th lr before any (i+1)-th
+            for m in ms:
+                r = {"method": m, "lr": lr_grid(m)[i], "seed": seed}
+                if m in methods and r not in runs:
+                    runs.append(r)
+
+    # Seed 0, in the order that decides the most per run: AdamW's middle (the inner optimizer's reference), then
+    # the whole lr sweep of the H=32 pair of the first target, DiLoCo-int8 at H=32 (its bytes), the sweeps of the
+    # second target (D-Lion MaVo vs global Lion vs AdamW), every other method's middle, then their other lrs.
+    add(["adamw"], slice(0, 1))
+    add(["local_dlion_H32", "diloco_fp32_H32"], slice(None))
+    add(["diloco_int8_H32"], slice(0, 1))
+    add(["dlion_mavo", "lion", "adamw"], slice(None))
+    add(methods, slice(0, 1))
+    add(methods, slice(None))
+    # Seed 1: each method at its seed-0 best lr first (once those results exist; the middle until then), then the rest.
+    best = {m: _seed0_best(suite, m) for m in methods}
+    for m in methods:
+        r = {"method": m, "lr": best[m] if best[m] is not None else lr_grid(m)[0], "seed": SEEDS[1]}
+        runs.append(r)
+    for s in SEEDS[1:]:
+        add(methods, slice(None), seed=s)
+    return [dict(r, wd=default_wd(r["method"], SUITES[suite])) for r in runs]
+
+
+def _seed0_best(suite: str, method: str) -> float | None:
+    """The lr of the lowest seed-0 final validation loss among the method's grid runs that exist, or None."""
+    s = SUITES[suite]
+    found = {}
+    for lr in lr_grid(method):
+        p = result_path(s, method, lr, SEEDS[0], default_wd(method, s))
+        if p.exists():
+            found[lr] = json.loads(p.read_text())["final_val_loss"]
+    return min(found, key=found.get) if found else None
 
 
 def pending(suite: str, int4: bool = False) -> list[dict]:

@@ -177,7 +177,8 @@ def _worker(rank: int, world: int, port: int, job: dict, queue) -> None:
     for step in range(start, steps):
         base = (step * world + rank) * suite.micro_batch
         b = _batch(train, range(base, base + suite.micro_batch))
-        loss = net(b["tokens"], b["labels"], b["loss_mask"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=suite.autocast == "bf16"):
+            loss = net(b["tokens"], b["labels"], b["loss_mask"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -272,12 +273,12 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
     from distlion_ds.data import gpt_datasets, prepare
 
     spec = parse_method(method)
-    wd = default_wd(method) if wd is None else wd
+    wd = default_wd(method, suite) if wd is None else wd
     steps = steps or suite.steps
     if suite.valid_every % spec["H"] or suite.ckpt_every % spec["H"]:
         raise ValueError(f"--method {method}: H={spec['H']} must divide the suite's valid_every={suite.valid_every} "
                          f"and ckpt_every={suite.ckpt_every} (replicas are identical only between rounds)")
-    name = run_name(method, lr, seed, wd)
+    name = run_name(method, lr, seed, wd, suite)
     if out is None:  # a shortened run never takes the full run's file name (the plan would count it as done)
         out = result_path(suite, method, lr, seed, wd) if steps == suite.steps else \
             suite.results / "smoke" / f"{name}_steps{steps}.json"
@@ -306,6 +307,7 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
         "config": {**job["suite"], "steps": steps, "inner_lr": INNER_LR if spec["kind"] in ("local_dlion", "diloco")
                    else None, "H": spec["H"], "quantization": spec["quantization"],
                    "schedule": "linear warm-up over 10 % of the steps, cosine to 0.1x (distlion_ds.demo)",
+                   "autocast": suite.autocast,
                    "tokenizer_sha256": meta["tokenizer_sha256"]},
         "git_rev": _git_rev(), "machine": _machine(),
         "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
