@@ -75,6 +75,18 @@ def test_steps_to_target_interpolates_between_validation_points():
     assert report.steps_to_target(curve, 4.9) is None
 
 
+def test_slownet_time_to_target_is_steps_times_the_measured_step():
+    curve = [{"step": 0, "val_loss": 8.0}, {"step": 100, "val_loss": 6.0}, {"step": 200, "val_loss": 5.0}]
+    run = {"method": "dlion_mavo", "lr": 3e-4, "seed": 0, "valid_curve": curve}
+    rows = [{"best_runs": [run]}, {"best_runs": [dict(run, method="adamw", lr=2e-3)]}, {"best_runs": []}]
+    slownet = {"conditions": [{"bandwidth": "100mbit", "latency": "5ms",
+                               "rows": [{"method": "dlion_mavo", "s_per_step": 0.6}]}]}
+    table = report.slownet_table(rows, 5.5, slownet).splitlines()
+    assert len(table) == 4  # header, rule, one line per method with runs
+    assert table[2] == "| dlion_mavo (0.0003) | 150 | 0.600 | 1.5 min |"  # 150 steps x 0.6 s
+    assert table[3] == "| adamw (0.002) | 150 | not measured | — |"
+
+
 def test_best_lr_is_the_lowest_mean_over_seeds():
     runs = [{"lr": 1.0, "final_val_loss": 3.0}, {"lr": 1.0, "final_val_loss": 5.0},
             {"lr": 2.0, "final_val_loss": 3.5}, {"lr": 2.0, "final_val_loss": 3.9}]

@@ -136,6 +136,32 @@ def slow_link_table(rows: list[dict]) -> tuple[str, float | None]:
     return "\n".join(lines), target
 
 
+def slownet_table(rows: list[dict], target: float, slownet: dict) -> str:
+    """Wall-clock to ``target`` from seconds per inner step *measured* on benchmarks/slownet's emulated links (the
+    ``study`` scenario: the study's model, batch and optimizers on 4 hosts) times the steps the run took."""
+    conds = slownet["conditions"]
+    heads = [f"{c['bandwidth']} / {c['latency']}" for c in conds]
+    lines = ["| method (best lr, seed 0) | steps to target | "
+             + " | ".join(f"s/step at {h} (measured) | time to target at {h}" for h in heads) + " |",
+             "|---|---|" + "---|---|" * len(conds)]
+    for r in rows:
+        if not r["best_runs"]:
+            continue
+        b = min(r["best_runs"], key=lambda x: x["seed"])
+        st = steps_to_target(b["valid_curve"], target)
+        cells = []
+        for c in conds:
+            hit = [x for x in c["rows"] if x["method"] == b["method"]]
+            if not hit:
+                cells += ["not measured", "—"]
+                continue
+            sps = hit[0]["s_per_step"]
+            cells += [f"{sps:.3f}", "not reached" if st is None else f"{st * sps / 60:.1f} min"]
+        lines.append(f"| {b['method']} ({b['lr']:g}) | {'not reached' if st is None else f'{st:.0f}'} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def targets(rows: list[dict]) -> list[str]:
     """The issue's targets, each decided from the runs that exist (or said to be undecided)."""
     by = {r["method"]: r for r in rows}
@@ -252,7 +278,7 @@ def demo_section(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def study_section(rows: list[dict], docs: pathlib.Path, wrote_plots: bool) -> str:
+def study_section(rows: list[dict], docs: pathlib.Path, wrote_plots: bool, slownet: dict | None = None) -> str:
     suite = SUITES["study"]
     done = sum(r["done"] for r in rows)
     planned = sum(r["planned"] for r in rows)
@@ -261,14 +287,16 @@ def study_section(rows: list[dict], docs: pathlib.Path, wrote_plots: bool) -> st
         f"Model: GPT with hidden {suite.hidden_size}, {suite.num_layers} layers, {suite.num_heads} heads, vocab "
         f"{suite.vocab_size}, {suite.seq_length}-token sequences (6.50M parameters, tied embeddings); "
         f"{suite.workers} gloo workers x {suite.micro_batch} sequences per step, {suite.steps} inner steps per worker, "
-        "the same tokens for every method; warm-up + cosine lr; validation every "
-        f"{suite.valid_every} steps on {suite.valid_samples} held-out sequences. Local methods: inner AdamW lr 2e-3, "
+        "the same tokens for every method; forward and backward under bf16 autocast (fp32 parameters, gradients and "
+        "optimizer states); warm-up + cosine lr; validation (fp32) every "
+        f"{suite.valid_every} steps on {suite.valid_samples} held-out sequences. Weight decay: AdamW 0.1, Lion and "
+        f"D-Lion {suite.lion_wd:g}. Local methods: inner AdamW lr 2e-3, "
         "wd 0.1; local D-Lion's outer lr follows the same schedule, DiLoCo's is constant (the paper's). "
         "adamw/lion bytes are the ring model 2(N-1)/N x 4 B/param/step (DDP is not instrumented); the others are "
         "measured payload bytes.",
         "",
         "Reproduce: `python -m benchmarks.study.plan --budget-minutes 60` (repeat until nothing is pending; the "
-        f"whole plan is {planned} runs of ~15 min each on this 2-core machine, ~{planned * 15 / 60:.0f} h), then "
+        f"whole plan is {planned} runs of ~10 min each on this 2-core machine, ~{planned * 10 / 60:.0f} h), then "
         "`python -m benchmarks.study.report`.",
         "",
         f"Runs done: {done} / {planned}.",
@@ -282,10 +310,17 @@ def study_section(rows: list[dict], docs: pathlib.Path, wrote_plots: bool) -> st
     if wrote_plots:
         lines += [f"![validation loss vs bytes]({(docs / 'study_loss_vs_bytes.png').relative_to(docs)})",
                   f"![validation loss vs steps]({(docs / 'study_loss_vs_steps.png').relative_to(docs)})", ""]
-    if target is not None:
+    if target is not None and slownet:
         lines += [f"Wall-clock to the target validation loss {target:.4f} (the worst best-lr final loss above, so "
-                  "every method reaches it) on slow links, **computed, not measured**: steps to the target x "
-                  "(measured s/step here + measured bytes/step x 8 / link rate).", "", slow]
+                  "every method reaches it): steps to the target x seconds per inner step measured on "
+                  "`benchmarks/slownet` (4 emulated hosts, tbf-shaped links, the study's model, batch and optimizers; "
+                  f"{slownet['date_utc']}; `{slownet['command']}`). Compute is 4 workers on this 2-core machine, "
+                  "as in the study runs.", "", slownet_table(rows, target, slownet), ""]
+    if target is not None:
+        lines += [("The same, " if slownet else f"Wall-clock to the target validation loss {target:.4f} (the worst "
+                   "best-lr final loss above, so every method reaches it), ") + "**computed** from the study runs "
+                  "alone (no slownet): steps to the target x (measured s/step here + measured bytes/step x 8 / link "
+                  "rate).", "", slow]
     return "\n".join(lines)
 
 
@@ -316,7 +351,9 @@ def main(argv=None) -> int:
     if study and not args.no_write:
         plots(rows, docs)
         wrote = True
-    sec_study = study_section(rows, docs, wrote)
+    slownet_file = ROOT / "benchmarks" / "slownet" / "results" / "study.json"
+    slownet = json.loads(slownet_file.read_text()) if slownet_file.exists() else None
+    sec_study = study_section(rows, docs, wrote, slownet)
     sec_demo = demo_section(demo)
     if args.no_write:
         sys.stdout.write(sec_study + "\n\n" + sec_demo + "\n")
