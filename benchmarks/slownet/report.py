@@ -18,7 +18,37 @@ def _cond(r: dict) -> str:
     return f"{r['bandwidth']} | {r['latency']} ({rtt:.2f})" if rtt is not None else f"{r['bandwidth']} | {r['latency']}"
 
 
+def study_table(rows: list[dict]) -> str:
+    """One line per method, one s/step column per condition (in the order measured), with the ratio to adamw's s/step
+    at the same condition; compute s/step and host-wire bytes per step are given per condition, separated by ' / '."""
+    conds = list(dict.fromkeys((r["bandwidth"], r["latency"]) for r in rows))
+    by = {(r["method"], r["bandwidth"], r["latency"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    heads = [f"{bw} {lat}" for bw, lat in conds]
+    out = ["| method | H | s/step " + " | s/step ".join(heads) + " | compute s/step (" + " / ".join(heads)
+           + ") | payload MB/step | host wire MB/step (" + " / ".join(heads) + ") | steps timed |",
+           "|---|---|" + "---|" * len(conds) + "---|---|---|---|"]
+
+    def each(method: str, fmt) -> list[str]:
+        return [fmt(by[(method, *c)]) if (method, *c) in by else "n/a" for c in conds]
+
+    def sps(r: dict) -> str:
+        return f"{r['s_per_step']:.3f}" + ("" if r.get("vs_adamw") is None else f" ({r['vs_adamw']:.2f}x adamw)")
+
+    for m in methods:
+        first = next(r for r in rows if r["method"] == m)
+        payload = f"{first['payload_bytes_per_step'] / _MB:.4g}" + (" (ring model)" if first["payload_source"]
+                                                                      == "ring model" else "")
+        out.append(f"| {m} | {first['H']} | " + " | ".join(each(m, sps))
+                   + " | " + " / ".join(each(m, lambda r: f"{r['compute_s_per_step']:.3f}"))
+                   + f" | {payload} | " + " / ".join(each(m, lambda r: f"{r['host_tx_bytes_per_step'] / _MB:.3f}"))
+                   + f" | {first['steps_timed']} |")
+    return "\n".join(out) + "\n"
+
+
 def table(name: str, rows: list[dict]) -> str:
+    if name == "study":
+        return study_table(rows)
     if name == "dp":
         head = ("| link | latency (RTT ms) | goodput MB/s | model | method | step s | fwd+bwd s | optimizer s "
                 "| comm in step s | comm isolated s | payload MB | wire MB | comm speedup in step / isolated "
@@ -99,6 +129,17 @@ def markdown(results: dict) -> str:
     if results.get("megatron3d"):
         out.append("\n### megatron-core 3D tp2 x pp2 x dp2 (distlion_ds.megatron.pretrain_gpt, 8 ranks on 4 hosts)\n\n"
                    + table("megatron3d", results["megatron3d"]))
+    if results.get("study"):
+        conds = [r for r in results["runs"] if r["scenario"] == "study"]
+        calib = "; ".join(f"{r['condition']}: RTT {r['calib'].get('rtt_ms') or float('nan'):.2f} ms, goodput "
+                          f"{r['calib']['goodput_MBps']:.1f} MB/s" for r in conds)
+        out.append("\n### The study's training step (benchmarks/study: 6.5M-parameter GPT, bf16 autocast, 3 sequences "
+                   "per worker), 4 hosts x 1 rank\n\nSeconds per inner step: the slowest rank's wall over the timed "
+                   "steps (barriers at both ends; local methods: whole rounds, outer step included), in brackets "
+                   "against adamw's at the same link. Compute: forward+backward alone (adamw / lion: passes under "
+                   "DDP's no_sync). Payload: the optimizer's comm_stats() bytes per worker per step (DDP: the ring "
+                   "model 2(N-1)/N x 4 B/param); host wire: what the host's veth sent (TCP/IP headers, acks and "
+                   f"barriers included). Links: {calib}.\n\n" + table("study", results["study"]))
     if results.get("runs"):
         runs = "; ".join(f"{r['scenario']} {r['condition']} {r['wall_s']:.0f} s, load "
                          f"{r.get('loadavg_before', 0):.1f} -> {r.get('loadavg_after', 0):.1f}"
@@ -139,6 +180,8 @@ def plot(results: dict, path: Path) -> Path | None:
         add("3D tp2xpp2xdp2", r, r["step_s"])
     for r in results.get("megatron3d", []):
         add("megatron-core 3D", r, r["step_s"])
+    for r in results.get("study", []):
+        add("study step (6.5M GPT, 4 hosts)", r, r["s_per_step"], "s per inner step")
     if not panels:
         return None
     keys = sorted(panels)

@@ -3,6 +3,8 @@
 Usage (root; on a 2-core CPU machine the default run takes ~75 min):
     python -m benchmarks.slownet.run [--scenario dp,pp,3d,hier,megatron3d] [--bandwidth 10gbit,1gbit,100mbit]
                                      [--latency 0.1ms,5ms] [--models gpt10m,gpt50m] [--out runs/slownet]
+    python -m benchmarks.slownet.run --scenario study [--study-methods adamw,dlion_mavo,...] [--study-steps 6]
+                                     [--study-out benchmarks/slownet/results/study.json] [--out runs/slownet_study]
 
 Scenarios (per network condition, every method of a scenario runs on the same link, so ratios compare like runs):
   dp          4 hosts, data parallel: fp32 gradient all-reduce + AdamW (DeepSpeed's ZeRO-0 path, written with
@@ -19,6 +21,13 @@ Scenarios (per network condition, every method of a scenario runs on the same li
               2 hosts), with the cross-link bytes per GPU against (1 + b)(M-1)/M / L bits per parameter (issue 12).
   megatron3d  the same placement running ``python -m distlion_ds.megatron.pretrain_gpt`` (megatron-core
               schedules, CompressedP2PCommunicator, DistributedLion), AdamW + uncompressed vs D-Lion + topk10_q8.
+  study       not in the default list. 4 hosts x 1 rank, the loss-versus-bytes study's exact inner step
+              (benchmarks/study: 6.5M-parameter GPT, bf16 autocast, 3 sequences per worker, the optimizer
+              benchmarks.study.run.make_optimizer builds) for each of its 13 methods (--study-methods), one launch
+              per condition: seconds per inner step (local methods: whole rounds, outer step amortised), compute
+              s/step, payload and host-wire bytes per step. Conditions default to --bandwidth 1gbit,100mbit
+              --latency 5ms; also writes --study-out (benchmarks/slownet/results/study.json), which
+              benchmarks/study/report.py turns into wall-clock to a target loss. ~10 min here (estimated).
 Each host is a network namespace with a veth to a router namespace: tbf shapes both directions of every link,
 a user-space NFQUEUE delay line adds one-way latency (this kernel has no netem; see netns.py and delay.py).
 Every condition is calibrated (ping RTT, TCP goodput) and the numbers go into the tables.
@@ -30,11 +39,14 @@ Ctrl-C, SIGTERM or failure; each launch is bounded by --launch-timeout-s and the
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
+import importlib.metadata
 import json
 import logging
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -50,6 +62,8 @@ logger = logging.getLogger("slownet")
 DP_METHODS = ["fp32_allreduce", "dlion_mavo", "dlion_avg"]
 HIER_METHODS = ["fp32_allreduce", "dlion_mavo", "dlion_hier"]
 PP_METHODS = ["uncompressed", "topk10", "q4", "aqsgd"]
+DEFAULT_CONDITIONS = ("10gbit,1gbit,100mbit", "0.1ms,5ms")  # --bandwidth, --latency when not given
+STUDY_CONDITIONS = ("1gbit,100mbit", "5ms")  # the same for the study scenario (issue 13's two links)
 
 
 def _worker_env(dev: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -308,6 +322,91 @@ def aggregate_3d(ranks: list[dict]) -> list[dict]:
     return rows
 
 
+def aggregate_study(ranks: list[dict]) -> list[dict]:
+    """Per method: s/step = the slowest rank's wall of the timed window (barriers at both ends) / timed steps;
+    compute s/step likewise (the slowest rank's forward+backward); bytes per step are the mean over ranks (hosts).
+
+    adamw / lion all-reduce inside DDP, which nobody instruments: their payload is the ring model 2(N-1)/N * 4 bytes
+    per parameter, as the study counts it. Local methods also get the median over rounds of the (slowest rank's)
+    step that ends a round, outer step included, against the median of the other steps."""
+    world = len(ranks)
+    rows = []
+    for j, res in enumerate(ranks[0]["results"]):
+        per = [r["results"][j] for r in ranks]
+        n = res["steps_timed"]
+        modelled = res["payload_bytes"] is None
+        payload = 2 * (world - 1) / world * 4 * res["n_params"] if modelled else \
+            statistics.fmean(x["payload_bytes"] for x in per) / n
+        row = dict(method=res["method"], H=res["H"], n_params=res["n_params"], warmup_steps=res["warmup_steps"],
+                   steps_timed=n, s_per_step=max(x["wall_s"] for x in per) / n,
+                   compute_s_per_step=max(x["compute_s"] for x in per) / n,
+                   fwd_bwd_s_per_step=max(x["fwd_bwd_s"] for x in per) / n,
+                   payload_bytes_per_step=payload, payload_source="ring model" if modelled else "measured",
+                   host_tx_bytes_per_step=statistics.fmean(x["host_tx_bytes"] for x in per) / n)
+        if res["kind"] not in ("adamw", "lion", "dlion_mavo", "dlion_avg"):
+            slowest = [max(x["step_s"][k] for x in per) for k in range(n)]
+            h = res["H"]
+            row["round_end_step_s"] = statistics.median(slowest[h - 1::h])
+            inner = [s for k, s in enumerate(slowest) if k % h != h - 1]
+            row["inner_step_s"] = statistics.median(inner) if inner else None
+        rows.append(row)
+    base = next((r for r in rows if r["method"] == "adamw"), None)
+    for r in rows:
+        r["vs_adamw"] = r["s_per_step"] / base["s_per_step"] if base else None
+    return rows
+
+
+def _git_rev() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "distlion_ds", "benchmarks/slownet/*.py",
+                                "benchmarks/study/*.py"], capture_output=True, text=True, cwd=root).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+STUDY_ROW_KEYS = ("method", "H", "n_params", "s_per_step", "compute_s_per_step", "payload_bytes_per_step",
+                  "payload_source", "host_tx_bytes_per_step", "steps_timed")
+
+
+def write_study_json(path: Path, results: dict) -> None:
+    """The compact file benchmarks/study/report.py reads: per measured condition its calibration and per method
+    the seconds per inner step (written atomically after every condition, so a partial run leaves what it has)."""
+    m = results["meta"]
+    conditions = []
+    for run in results["runs"]:
+        if run["scenario"] != "study":
+            continue
+        bw, lat = run["bandwidth"], run["latency"]
+        rows = [{k: r[k] for k in STUDY_ROW_KEYS} for r in results["study"]
+                if (r["bandwidth"], r["latency"]) == (bw, lat)]
+        conditions.append(dict(bandwidth=bw, latency=lat, calibration=run["calib"], wall_s=run["wall_s"],
+                               loadavg_before=run["loadavg_before"], loadavg_after=run["loadavg_after"], rows=rows))
+    doc = {"date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "machine": dict(node=m["host"], cpus=m["cpus"], cpu=m["cpu"], kernel=m["kernel"],
+                           python=platform.python_version(), torch=importlib.metadata.version("torch"), tcp=m["tcp"]),
+           "git_rev": m["git_rev"], "command": m["command"], "conditions": conditions}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _study_data(data: str) -> int:
+    """Prepare the study's dataset and its sample-index cache once, here, before the ranks memory-map it (the
+    study's own sample count: the cache its runs built is reused); returns the tokenizer's actual vocabulary."""
+    from benchmarks.study.common import SUITES
+    from distlion_ds.data import gpt_datasets, prepare
+
+    suite = SUITES["study"]
+    meta = prepare(corpus="stdlib", out=data, vocab_size=suite.vocab_size)
+    gpt_datasets(data, suite.seq_length, suite.steps * suite.micro_batch * suite.workers, suite.valid_samples)
+    return meta["vocab_size_actual"]
+
+
 # ---------------------------------------------------------------------------------------------- scenarios
 def scenario_specs(args) -> dict[str, dict]:
     dp = dict(scenario="dp", n_hosts=args.dp_hosts, params=dict(
@@ -322,7 +421,17 @@ def scenario_specs(args) -> dict[str, dict]:
     # consecutive ranks on one host: the nodes DistributedLion(intra_node_size=2) makes by default (the worker checks)
     hier = dict(scenario="hier", n_hosts=2, rank_hosts=[0, 0, 1, 1], params=dict(dp["params"], intra_node_size=2,
                                                                                 methods=args.hier_methods.split(",")))
-    return {"dp": dp, "pp": pp, "3d": d3, "hier": hier, "megatron3d": dict(scenario="megatron3d", n_hosts=4)}
+    # vocab_size is filled in by main (from the prepared tokenizer) when the scenario runs
+    study = dict(scenario="study", n_hosts=4, module="benchmarks.slownet.worker_study",
+                 params=dict(methods=args.study_methods.split(","), steps=args.study_steps, data=args.study_data))
+    return {"dp": dp, "pp": pp, "3d": d3, "hier": hier, "megatron3d": dict(scenario="megatron3d", n_hosts=4),
+            "study": study}
+
+
+def scenario_conditions(name: str, args) -> list[tuple[str, str]]:
+    """(bandwidth, latency) pairs of a scenario: --bandwidth x --latency, each defaulting per scenario."""
+    bws, lats = STUDY_CONDITIONS if name == "study" else DEFAULT_CONDITIONS
+    return [(bw, lat) for bw in (args.bandwidth or bws).split(",") for lat in (args.latency or lats).split(",")]
 
 
 def run_scenario(name: str, spec: dict, conditions: list[tuple[str, str]], args, out_dir: Path,
@@ -349,7 +458,8 @@ def run_scenario(name: str, spec: dict, conditions: list[tuple[str, str]], args,
                     rows = run_megatron3d(net, args, out_dir, tag, 29500 + 10 * k, timeout)
                 else:
                     ranks = launch(net, dict(spec, port=29500 + k), rank_hosts, out_dir, tag, timeout)
-                    agg = {"dp": aggregate_dp, "hier": aggregate_dp, "pp": aggregate_pp, "3d": aggregate_3d}[name]
+                    agg = {"dp": aggregate_dp, "hier": aggregate_dp, "pp": aggregate_pp, "3d": aggregate_3d,
+                           "study": aggregate_study}[name]
                     rows = agg(ranks)
             except (RuntimeError, TimeoutError) as exc:
                 logger.error("%s %s failed: %s", name, cond, exc)
@@ -359,9 +469,12 @@ def run_scenario(name: str, spec: dict, conditions: list[tuple[str, str]], args,
                 r.update(bandwidth=bw, latency=lat, rtt_ms=calib.get("rtt_ms"), goodput_MBps=calib["goodput_MBps"])
             results[name].extend(rows)
             # the machine may be shared: 1-min load averages before and after (our own ranks add ~N to it)
-            results["runs"].append(dict(scenario=name, condition=cond, wall_s=time.monotonic() - t0, calib=calib,
+            results["runs"].append(dict(scenario=name, condition=cond, bandwidth=bw, latency=lat,
+                                        wall_s=time.monotonic() - t0, calib=calib,
                                         loadavg_before=load_before, loadavg_after=_loadavg()))
             (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+            if name == "study":
+                write_study_json(Path(args.study_out), results)
             print(report.table(name, rows), flush=True)
 
 
@@ -369,13 +482,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--scenario", default="dp,pp,3d,megatron3d",
-                    help="comma list of: dp, pp, 3d, hier, megatron3d")
+                    help="comma list of: dp, pp, 3d, hier, megatron3d, study")
     ap.add_argument("--mega-hidden", type=int, default=512, help="megatron3d: hidden size (4 layers, 8 heads)")
     ap.add_argument("--mega-iters", type=int, default=6, help="megatron3d: iterations per method")
     ap.add_argument("--mega-methods", default="", help="megatron3d: comma list of methods (default: all of "
                     "MEGATRON_METHODS); AdamW + uncompressed with the same tying is the baseline, so keep it in")
-    ap.add_argument("--bandwidth", default="10gbit,1gbit,100mbit")
-    ap.add_argument("--latency", default="0.1ms,5ms", help="one-way host-to-host latency")
+    ap.add_argument("--bandwidth", default=None, help=f"comma list (default {DEFAULT_CONDITIONS[0]}; "
+                    f"study: {STUDY_CONDITIONS[0]})")
+    ap.add_argument("--latency", default=None, help=f"one-way host-to-host latency, comma list (default "
+                    f"{DEFAULT_CONDITIONS[1]}; study: {STUDY_CONDITIONS[1]})")
     ap.add_argument("--models", default="gpt10m,gpt50m", help="dp models (benchmarks/slownet/models.py)")
     ap.add_argument("--batch", type=int, default=1, help="dp: sequences per rank per step")
     ap.add_argument("--dp-methods", default=",".join(DP_METHODS), help="must include fp32_allreduce (baseline)")
@@ -384,6 +499,15 @@ def main(argv=None) -> int:
     ap.add_argument("--d3-methods", default="fp32+uncompressed,dlion_mavo+topk10",
                     help="3d scenario; the first one is the baseline")
     ap.add_argument("--pp-methods", default=",".join(PP_METHODS), help="must include 'uncompressed' (baseline)")
+    ap.add_argument("--study-methods", default=None,
+                    help="study: comma list (default: benchmarks.study.common.STUDY_METHODS, all 13); adamw is the "
+                    "baseline of the s/step ratio")
+    ap.add_argument("--study-steps", type=int, default=6,
+                    help="study: timed steps of a per-step method (after 2 warm-up steps); local methods time "
+                    "max(1, ceil(16/H)) whole rounds after one warm-up round")
+    ap.add_argument("--study-data", default="data_cache/stdlib", help="study: the prepared dataset (made if missing)")
+    ap.add_argument("--study-out", default="benchmarks/slownet/results/study.json",
+                    help="study: the compact result file benchmarks/study/report.py reads")
     ap.add_argument("--dp-hosts", type=int, default=4)
     ap.add_argument("--pp-micro-batch", type=int, default=8)
     ap.add_argument("--pp-n-micro", type=int, default=4)
@@ -397,38 +521,52 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/slownet")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
+    if args.study_methods is None:
+        from benchmarks.study.common import STUDY_METHODS
+
+        args.study_methods = ",".join(STUDY_METHODS)
+    if args.study_steps < 1:
+        ap.error(f"--study-steps {args.study_steps}: must be >= 1")
+    from benchmarks.study.common import parse_method
+
+    for method in args.study_methods.split(","):
+        try:
+            parse_method(method)
+        except ValueError as exc:
+            ap.error(str(exc).replace("--method", "--study-methods"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     reason = check_prerequisites()
     if reason:
         print(f"slownet: cannot run: {reason}", file=sys.stderr)
         return 2
-    for bw in args.bandwidth.split(","):
+    names = args.scenario.split(",")
+    for bw, lat in (c for name in names for c in scenario_conditions(name, args)):
         parse_rate(bw)
-    for lat in args.latency.split(","):
         parse_latency(lat)
     stale = cleanup_stale()
     if stale:
         logger.info("removed namespaces of dead runs: %s", stale)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    conditions = [(bw, lat) for bw in args.bandwidth.split(",") for lat in args.latency.split(",")]
     t_start = time.monotonic()
     deadline = t_start + 60 * args.max_minutes
     results = dict(meta=dict(date=time.strftime("%Y-%m-%d %H:%M"), host=socket.gethostname(),
                              cpus=os.cpu_count(), cpu=platform.processor() or platform.machine(),
-                             kernel=platform.release(), command=" ".join(["python -m benchmarks.slownet.run",
-                                               *(sys.argv[1:] if argv is None else argv)]),
-                             tcp=_tcp_settings()),
-                   dp=[], pp=[], hier=[], runs=[], errors=[], skipped=[], megatron3d=[], **{"3d": []})
+                             kernel=platform.release(), command="python -m benchmarks.slownet.run " + shlex.join(
+                                 sys.argv[1:] if argv is None else argv),
+                             tcp=_tcp_settings(), git_rev=_git_rev()),
+                   dp=[], pp=[], hier=[], runs=[], errors=[], skipped=[], megatron3d=[], study=[], **{"3d": []})
     specs = scenario_specs(args)
-    unknown = set(args.scenario.split(",")) - set(specs)
+    unknown = set(names) - set(specs)
     if unknown:
         print(f"slownet: unknown scenario(s) {sorted(unknown)}; choose from {sorted(specs)}", file=sys.stderr)
         return 2
+    if "study" in names:
+        specs["study"]["params"]["vocab_size"] = _study_data(args.study_data)
     try:
-        for name in args.scenario.split(","):
-            run_scenario(name, specs[name], conditions, args, out_dir, deadline, results)
+        for name in names:
+            run_scenario(name, specs[name], scenario_conditions(name, args), args, out_dir, deadline, results)
     except KeyboardInterrupt:
         logger.warning("interrupted: the network was torn down; partial results are in %s", out_dir)
         results["errors"].append("interrupted")
