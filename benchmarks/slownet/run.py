@@ -27,7 +27,7 @@ Scenarios (per network condition, every method of a scenario runs on the same li
               per condition: seconds per inner step (local methods: whole rounds, outer step amortised), compute
               s/step, payload and host-wire bytes per step. Conditions default to --bandwidth 1gbit,100mbit
               --latency 5ms; also writes --study-out (benchmarks/slownet/results/study.json), which
-              benchmarks/study/report.py turns into wall-clock to a target loss. ~10 min here (estimated).
+              benchmarks/study/report.py turns into wall-clock to a target loss. 10.1 min here (2 conditions).
 Each host is a network namespace with a veth to a router namespace: tbf shapes both directions of every link,
 a user-space NFQUEUE delay line adds one-way latency (this kernel has no netem; see netns.py and delay.py).
 Every condition is calibrated (ping RTT, TCP goodput) and the numbers go into the tables.
