@@ -87,3 +87,23 @@ def test_smoke_two_hosts_behind_100mbit(tmp_path):
     # shards across (1/2 bit), and its all_gather adds 3/8 bit with gloo's ring (one link crossing per host)
     assert h["ranks_per_host"] == 2 and h["wire_tx_per_gpu"] == pytest.approx(h["wire_tx_bytes"] / 2)
     assert n / 16 <= h["wire_tx_per_gpu"] < 0.7 * flat["wire_tx_per_gpu"]
+
+
+def test_study_aggregation_takes_the_slowest_rank_and_models_ddp_bytes():
+    from benchmarks.slownet.run import aggregate_study
+
+    def res(method, kind, h, wall, payload, step_s):
+        return dict(method=method, kind=kind, H=h, n_params=1000, warmup_steps=h, steps_timed=len(step_s),
+                    wall_s=wall, compute_s=wall / 2, fwd_bwd_s=wall / 2, payload_bytes=payload,
+                    host_tx_bytes=4000, step_s=step_s)
+
+    ranks = [{"results": [res("adamw", "adamw", 1, 2.0, None, [1.0, 1.0]),
+                          res("local_dlion_H2", "local_dlion", 2, 4.0, 100, [0.5, 1.5, 0.5, 1.5])]},
+             {"results": [res("adamw", "adamw", 1, 3.0, None, [1.5, 1.5]),
+                          res("local_dlion_H2", "local_dlion", 2, 2.0, 300, [0.5, 2.5, 0.5, 0.5])]}]
+    adamw, local = aggregate_study(ranks)
+    assert adamw["s_per_step"] == 1.5 and adamw["payload_source"] == "ring model"  # slowest rank: 3.0 s / 2
+    assert adamw["payload_bytes_per_step"] == 2 * (2 - 1) / 2 * 4 * 1000  # ring all-reduce of fp32, N = 2
+    assert local["s_per_step"] == 1.0 and local["payload_bytes_per_step"] == 50.0  # mean(100, 300) / 4 steps
+    assert local["round_end_step_s"] == 2.0 and local["inner_step_s"] == 0.5  # medians of max(2.5,1.5), max(1.5,0.5)
+    assert local["vs_adamw"] == 1.0 / 1.5
