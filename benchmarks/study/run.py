@@ -41,6 +41,7 @@ from benchmarks.study.common import (
     SUITES,
     Suite,
     default_wd,
+    fmt,
     parse_method,
     result_path,
     run_name,
@@ -68,7 +69,8 @@ def _machine() -> dict:
             "torch": torch.__version__, "platform": platform.platform()}
 
 
-def make_optimizer(method: str, lr: float, wd: float, model, rank: int, singleton_groups):
+def make_optimizer(method: str, lr: float, wd: float, model, rank: int, singleton_groups,
+                   outer_betas: tuple[float, float] | None = None):
     """``(optimizer, net)``: the method's optimizer on ``model``'s parameters and the module the loop calls (DDP for
     the all-reduce baselines, the model itself where the optimizer communicates)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -88,7 +90,7 @@ def make_optimizer(method: str, lr: float, wd: float, model, rank: int, singleto
         return DistributedLion(params, lr=lr, weight_decay=wd, aggregation=kind.split("_")[1]), model
     inner = torch.optim.AdamW(params, lr=INNER_LR, weight_decay=wd, betas=(0.9, 0.95))
     if kind == "local_dlion":
-        return LocalStepsLion(params, inner, local_steps=spec["H"], lr=lr), model
+        return LocalStepsLion(params, inner, local_steps=spec["H"], lr=lr, betas=outer_betas or (0.9, 0.99)), model
     return DiLoCo(params, inner, local_steps=spec["H"], lr=lr, momentum=0.9, nesterov=True,
                   quantization=spec["quantization"]), model
 
@@ -143,7 +145,7 @@ def _worker(rank: int, world: int, port: int, job: dict, queue) -> None:
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)
     singleton = [dist.new_group([r]) for r in range(world)]
-    opt, net = make_optimizer(method, lr, wd, model, rank, singleton)
+    opt, net = make_optimizer(method, lr, wd, model, rank, singleton, job.get("outer_betas"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
     lr_factor = _lr_lambda(steps)
     ckpt_dir = pathlib.Path(job["ckpt_dir"])
@@ -258,7 +260,8 @@ def _free_port() -> int:
 
 
 def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None, steps: int | None = None,
-        deadline: float | None = None, data: str = "data_cache/stdlib", out: pathlib.Path | None = None) -> int:
+        deadline: float | None = None, data: str = "data_cache/stdlib", out: pathlib.Path | None = None,
+        outer_betas: tuple[float, float] | None = None) -> int:
     """Train one run (or resume it) and write its result file; returns 0 done/skipped, 3 paused.
 
     Args:
@@ -269,6 +272,8 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
         deadline: a ``time.time()`` after which the run pauses at its next checkpoint.
         data: the prepared dataset folder (made when missing).
         out: the result file (default: the suite's results folder).
+        outer_betas: local D-Lion's outer betas when not the default (0.9, 0.99): an ablation, written to
+            ``results[/demo]/betas/<run>_b<b1>-<b2>.json`` (the report's tables read only the default).
     """
     from distlion_ds.data import gpt_datasets, prepare
 
@@ -279,6 +284,12 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
         raise ValueError(f"--method {method}: H={spec['H']} must divide the suite's valid_every={suite.valid_every} "
                          f"and ckpt_every={suite.ckpt_every} (replicas are identical only between rounds)")
     name = run_name(method, lr, seed, wd, suite)
+    if outer_betas is not None:
+        if spec["kind"] != "local_dlion":
+            raise ValueError(f"--outer-betas is local D-Lion's (--method local_dlion_H<h>), not {method}'s")
+        name += f"_b{fmt(outer_betas[0])}-{fmt(outer_betas[1])}"
+    if out is None and outer_betas is not None:
+        out = suite.results / "betas" / (f"{name}.json" if steps == suite.steps else f"{name}_steps{steps}.json")
     if out is None:  # a shortened run never takes the full run's file name (the plan would count it as done)
         out = result_path(suite, method, lr, seed, wd) if steps == suite.steps else \
             suite.results / "smoke" / f"{name}_steps{steps}.json"
@@ -291,7 +302,8 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
     gpt_datasets(data, suite.seq_length, steps * suite.micro_batch * suite.workers, suite.valid_samples)
     job = dict(suite={f.name: getattr(suite, f.name) for f in dataclasses.fields(suite) if f.name != "results"},
                steps=steps, method=method, lr=lr, wd=wd, seed=seed, data=data, name=name,
-               vocab_size=meta["vocab_size_actual"], ckpt_dir=str(ckpt_dir), deadline=deadline)
+               vocab_size=meta["vocab_size_actual"], ckpt_dir=str(ckpt_dir), deadline=deadline,
+               outer_betas=list(outer_betas) if outer_betas is not None else None)
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
     torch.multiprocessing.start_processes(_worker, args=(suite.workers, _free_port(), job, queue),
@@ -307,7 +319,7 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
         "config": {**job["suite"], "steps": steps, "inner_lr": INNER_LR if spec["kind"] in ("local_dlion", "diloco")
                    else None, "H": spec["H"], "quantization": spec["quantization"],
                    "schedule": "linear warm-up over 10 % of the steps, cosine to 0.1x (distlion_ds.demo)",
-                   "autocast": suite.autocast,
+                   "autocast": suite.autocast, "outer_betas": job["outer_betas"],
                    "tokenizer_sha256": meta["tokenizer_sha256"]},
         "git_rev": _git_rev(), "machine": _machine(),
         "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -335,14 +347,23 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-minutes", type=float, default=None, help="pause at the first checkpoint after this")
     ap.add_argument("--data", default="data_cache/stdlib")
     ap.add_argument("--out", default=None, help="result file (default: the suite's results folder)")
+    ap.add_argument("--outer-betas", default=None, metavar="B1,B2",
+                    help="local D-Lion's outer betas (default 0.9,0.99); an ablation, results under results/betas/")
     args = ap.parse_args(argv)
     try:
         parse_method(args.method)
     except ValueError as exc:
         ap.error(str(exc))
     deadline = time.time() + 60 * args.deadline_minutes if args.deadline_minutes is not None else None
+    betas = None
+    if args.outer_betas is not None:
+        try:
+            betas = tuple(float(x) for x in args.outer_betas.split(","))
+            assert len(betas) == 2 and all(0 <= b < 1 for b in betas)
+        except (ValueError, AssertionError):
+            ap.error(f"--outer-betas {args.outer_betas!r}: expected two numbers in [0, 1), e.g. 0.9,0.95")
     return run(args.method, args.lr, args.seed, SUITES[args.suite], args.wd, args.steps, deadline, args.data,
-               pathlib.Path(args.out) if args.out else None)
+               pathlib.Path(args.out) if args.out else None, betas)
 
 
 if __name__ == "__main__":
