@@ -73,7 +73,8 @@ def run_study(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
         torch.manual_seed(0)
         model = GPT(cfg)
         n_params = sum(q.numel() for q in model.parameters())
-        opt, net = make_optimizer(method, lr_grid(method)[0], default_wd(method, suite), model, rank, singleton)
+        opt, net = make_optimizer(method, lr_grid(method)[0], default_wd(method, suite), model, rank, singleton,
+                                  suite.local_betas)
         ddp = kind in ("adamw", "lion")
 
         def fwd_bwd(step: int, net=net, opt=opt) -> float:

@@ -7,6 +7,9 @@ Suites:
          autocast (fp32 parameters, gradients and optimizer states): 0.29 s per step against 0.48 in fp32, measured
          side by side over 128 steps (validation loss 6.4021 vs 6.4044 there), so a run takes ~10 minutes. Lion-family
          weight decay 0.1 (the demo-scale sweep's pick for Lion and both D-Lions; the demo's old 0.5 lost there).
+         Local D-Lion's outer betas (0.0, 0.99): the vote is the sign of the round's pseudo-gradient alone (beta2
+         then only keeps the momentum state); the demo-scale ablation (results/demo/betas/) gave 5.3667 at lr 4e-3
+         against 5.4325 with beta1 0.5 and 5.6550 with the default 0.9 (one seed).
   demo   exactly the demo's scale (distlion_ds/demo.py defaults: hidden 128, 2 layers, 64-token sequences, 4 workers
          x 8 sequences, 300 steps, 256 validation sequences), for the lr x weight-decay sweep the demo takes its
          settings from.
@@ -51,12 +54,14 @@ class Suite:
     vocab_size: int = 4096
     autocast: str | None = None  # "bf16": forward/backward under torch.autocast (fp32 parameters, grads, optimizers)
     lion_wd: float = 0.5  # the Lion family's default weight decay at this scale
+    local_betas: tuple[float, float] = (0.9, 0.99)  # local D-Lion's outer betas (LocalStepsLion's default)
     results: pathlib.Path = RESULTS
 
 
 SUITES = {
     "study": Suite("study", hidden_size=272, num_layers=6, num_heads=4, seq_length=128, micro_batch=3, steps=2048,
-                   valid_every=256, valid_samples=512, ckpt_every=256, autocast="bf16", lion_wd=0.1),
+                   valid_every=256, valid_samples=512, ckpt_every=256, autocast="bf16", lion_wd=0.1,
+                   local_betas=(0.0, 0.99)),
     "demo": Suite("demo", hidden_size=128, num_layers=2, num_heads=4, seq_length=64, micro_batch=8, steps=300,
                   valid_every=100, valid_samples=256, ckpt_every=100, results=RESULTS / "demo"),
 }

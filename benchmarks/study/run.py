@@ -70,7 +70,7 @@ def _machine() -> dict:
 
 
 def make_optimizer(method: str, lr: float, wd: float, model, rank: int, singleton_groups,
-                   outer_betas: tuple[float, float] | None = None):
+                   outer_betas: tuple[float, float] = (0.9, 0.99)):
     """``(optimizer, net)``: the method's optimizer on ``model``'s parameters and the module the loop calls (DDP for
     the all-reduce baselines, the model itself where the optimizer communicates)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -90,7 +90,7 @@ def make_optimizer(method: str, lr: float, wd: float, model, rank: int, singleto
         return DistributedLion(params, lr=lr, weight_decay=wd, aggregation=kind.split("_")[1]), model
     inner = torch.optim.AdamW(params, lr=INNER_LR, weight_decay=wd, betas=(0.9, 0.95))
     if kind == "local_dlion":
-        return LocalStepsLion(params, inner, local_steps=spec["H"], lr=lr, betas=outer_betas or (0.9, 0.99)), model
+        return LocalStepsLion(params, inner, local_steps=spec["H"], lr=lr, betas=outer_betas), model
     return DiLoCo(params, inner, local_steps=spec["H"], lr=lr, momentum=0.9, nesterov=True,
                   quantization=spec["quantization"]), model
 
@@ -145,7 +145,7 @@ def _worker(rank: int, world: int, port: int, job: dict, queue) -> None:
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)
     singleton = [dist.new_group([r]) for r in range(world)]
-    opt, net = make_optimizer(method, lr, wd, model, rank, singleton, job.get("outer_betas"))
+    opt, net = make_optimizer(method, lr, wd, model, rank, singleton, tuple(job["outer_betas"]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
     lr_factor = _lr_lambda(steps)
     ckpt_dir = pathlib.Path(job["ckpt_dir"])
@@ -272,8 +272,8 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
         deadline: a ``time.time()`` after which the run pauses at its next checkpoint.
         data: the prepared dataset folder (made when missing).
         out: the result file (default: the suite's results folder).
-        outer_betas: local D-Lion's outer betas when not the default (0.9, 0.99): an ablation, written to
-            ``results[/demo]/betas/<run>_b<b1>-<b2>.json`` (the report's tables read only the default).
+        outer_betas: local D-Lion's outer betas when not the suite's ``local_betas``: an ablation, written to
+            ``results[/demo]/betas/<run>_b<b1>-<b2>.json`` (the report's tables read only the suite's).
     """
     from distlion_ds.data import gpt_datasets, prepare
 
@@ -284,6 +284,8 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
         raise ValueError(f"--method {method}: H={spec['H']} must divide the suite's valid_every={suite.valid_every} "
                          f"and ckpt_every={suite.ckpt_every} (replicas are identical only between rounds)")
     name = run_name(method, lr, seed, wd, suite)
+    if outer_betas is not None and tuple(outer_betas) == tuple(suite.local_betas):
+        outer_betas = None
     if outer_betas is not None:
         if spec["kind"] != "local_dlion":
             raise ValueError(f"--outer-betas is local D-Lion's (--method local_dlion_H<h>), not {method}'s")
@@ -303,7 +305,7 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
     job = dict(suite={f.name: getattr(suite, f.name) for f in dataclasses.fields(suite) if f.name != "results"},
                steps=steps, method=method, lr=lr, wd=wd, seed=seed, data=data, name=name,
                vocab_size=meta["vocab_size_actual"], ckpt_dir=str(ckpt_dir), deadline=deadline,
-               outer_betas=list(outer_betas) if outer_betas is not None else None)
+               outer_betas=list(outer_betas if outer_betas is not None else suite.local_betas))
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
     torch.multiprocessing.start_processes(_worker, args=(suite.workers, _free_port(), job, queue),
@@ -319,7 +321,8 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
         "config": {**job["suite"], "steps": steps, "inner_lr": INNER_LR if spec["kind"] in ("local_dlion", "diloco")
                    else None, "H": spec["H"], "quantization": spec["quantization"],
                    "schedule": "linear warm-up over 10 % of the steps, cosine to 0.1x (distlion_ds.demo)",
-                   "autocast": suite.autocast, "outer_betas": job["outer_betas"],
+                   "autocast": suite.autocast,
+                   "outer_betas": job["outer_betas"] if spec["kind"] == "local_dlion" else None,
                    "tokenizer_sha256": meta["tokenizer_sha256"]},
         "git_rev": _git_rev(), "machine": _machine(),
         "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -348,7 +351,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="data_cache/stdlib")
     ap.add_argument("--out", default=None, help="result file (default: the suite's results folder)")
     ap.add_argument("--outer-betas", default=None, metavar="B1,B2",
-                    help="local D-Lion's outer betas (default 0.9,0.99); an ablation, results under results/betas/")
+                    help="local D-Lion's outer betas (default: the suite's); an ablation, results under results/betas/")
     args = ap.parse_args(argv)
     try:
         parse_method(args.method)
