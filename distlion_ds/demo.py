@@ -41,9 +41,11 @@ METHODS = {
     "dlion_avg": dict(optimizer="dlion", aggregation="avg", lr=8e-4, weight_decay=0.1),
     # Local-step D-Lion (issue 13): 10 AdamW steps per worker alone (lr 2e-3, wd 0.1, the schedule below), then one
     # 1-bit D-Lion outer step on the pseudo-gradient (outer lr 4e-3 on the same schedule, no outer weight decay).
-    # 10 divides the 300 steps, so the run ends on an outer step (identical replicas).
+    # Outer betas (0.0, 0.99): the vote is the sign of the round's pseudo-gradient alone; the demo-scale ablation
+    # (benchmarks/study/results/demo/betas/) gave 5.3667 against 5.4325 with beta1 0.5 and 5.6550 with LocalStepsLion's
+    # default 0.9. 10 divides the 300 steps, so the run ends on an outer step (identical replicas).
     "dlion_local": dict(optimizer="local", aggregation="mavo", local_steps=10, lr=4e-3, weight_decay=0.0,
-                        inner_lr=2e-3, inner_weight_decay=0.1),
+                        betas=(0.0, 0.99), inner_lr=2e-3, inner_weight_decay=0.1),
     # Hierarchical D-Lion (issue 12): the 4 workers as 2 nodes x 2, one voter per node. Not in the default run.
     "dlion_mavo_hier": dict(optimizer="dlion", aggregation="mavo", intra_node_size=2, lr=4e-4, weight_decay=0.1),
 }
@@ -94,11 +96,11 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
     elif spec["optimizer"] == "lion":  # global Lion: averaged fp32 gradients, then a one-rank Lion step
         opt = DistributedLion(params, lr=spec["lr"], weight_decay=spec["weight_decay"],
                               process_group=singleton[rank])
-    elif spec["optimizer"] == "local":  # the schedule below drives the inner lr; the outer lr is constant
+    elif spec["optimizer"] == "local":  # the schedule below drives the inner lr, the loop the outer one
         inner = torch.optim.AdamW(params, lr=spec["inner_lr"], weight_decay=spec["inner_weight_decay"],
                                   betas=(0.9, 0.95))
-        opt = LocalStepsLion(params, inner, spec["local_steps"], lr=spec["lr"], weight_decay=spec["weight_decay"],
-                             aggregation=spec["aggregation"])
+        opt = LocalStepsLion(params, inner, spec["local_steps"], lr=spec["lr"], betas=spec["betas"],
+                             weight_decay=spec["weight_decay"], aggregation=spec["aggregation"])
     else:
         opt = DistributedLion(params, lr=spec["lr"], weight_decay=spec["weight_decay"],
                               aggregation=spec["aggregation"], intra_node_size=spec.get("intra_node_size", 1))
