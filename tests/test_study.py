@@ -100,3 +100,13 @@ def test_sections_are_replaced_between_markers_and_the_rest_kept():
     twice = report.replace_section(once + "\n## later section\n", report.STUDY_MARKERS, "Study", "body 2")
     assert "body 1" not in twice and "body 2" in twice and twice.count(report.STUDY_MARKERS[0]) == 1
     assert "others' section" in twice and "## later section" in twice
+
+
+def test_betas_ablation_rows_and_the_suites_own_betas_marked():
+    runs = [{"method": "local_dlion_H10", "lr": 4e-3, "final_val_loss": 5.5, "config": {"outer_betas": [0.9, 0.99]}},
+            {"method": "local_dlion_H10", "lr": 4e-3, "final_val_loss": 5.25, "config": {"outer_betas": [0.0, 0.99]}},
+            {"method": "adamw", "lr": 2e-3, "final_val_loss": 4.0, "config": {"outer_betas": None}}]
+    lines = report.betas_ablation(runs, (0.0, 0.99))
+    assert lines[2:] == ["| local_dlion_H10 | 0.004 | (0, 0.99) (the suite's) | 5.2500 |",
+                         "| local_dlion_H10 | 0.004 | (0.9, 0.99) | 5.5000 |"]
+    assert report.betas_ablation(runs[2:], (0.0, 0.99)) == []
