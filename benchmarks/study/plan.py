@@ -4,8 +4,9 @@
                                     [--lock /tmp/distlion-heavy.lock] [--nice 10]
 
 Order (suite ``study``): AdamW at its middle lr, the whole seed-0 lr sweep of local D-Lion and DiLoCo-fp32 at
-H=32 (the first target), DiLoCo-int8 at H=32, the sweeps of D-Lion MaVo, global Lion and AdamW (the second target),
-every other method's middle lr, their other lrs; then seed 1, each method's seed-0 best lr first.
+H=32 (the first target), DiLoCo-int8 at H=32, that pair's seed-0 best again with seed 1, the sweeps of D-Lion MaVo,
+global Lion and AdamW (the second target), every other method's middle lr, their other lrs; then seed 1, each
+method's seed-0 best lr first.
 Suite ``demo``: the lr x weight-decay grid of
 ``common.DEMO_GRID`` at the demo's scale, seed 0. A run whose result file exists is skipped; a run that was paused
 resumes from its checkpoint. Each run holds ``--lock`` (flock) only while it trains, so other heavy jobs of the
@@ -67,6 +68,9 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     add(["adamw"], slice(0, 1))
     add(["local_dlion_H32", "diloco_fp32_H32"], slice(None))
     add(["diloco_int8_H32"], slice(0, 1))
+    for m in ("local_dlion_H32", "diloco_fp32_H32"):  # the first target's pair again at its seed-0 best, seed 1
+        if m in methods:
+            runs.append({"method": m, "lr": _seed0_best(suite, m) or lr_grid(m)[0], "seed": SEEDS[1]})
     add(["dlion_mavo", "lion", "adamw"], slice(None))
     add(methods, slice(0, 1))
     add(methods, slice(None))
@@ -74,7 +78,8 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     best = {m: _seed0_best(suite, m) for m in methods}
     for m in methods:
         r = {"method": m, "lr": best[m] if best[m] is not None else lr_grid(m)[0], "seed": SEEDS[1]}
-        runs.append(r)
+        if r not in runs:
+            runs.append(r)
     for s in SEEDS[1:]:
         add(methods, slice(None), seed=s)
     return [dict(r, wd=default_wd(r["method"], SUITES[suite])) for r in runs]
