@@ -317,7 +317,8 @@ def study_section(rows: list[dict], docs: pathlib.Path, wrote_plots: bool, slown
         "optimizer states); warm-up + cosine lr; validation (fp32) every "
         f"{suite.valid_every} steps on {suite.valid_samples} held-out sequences. Weight decay: AdamW 0.1, Lion and "
         f"D-Lion {suite.lion_wd:g}. Local methods: inner AdamW lr 2e-3, "
-        "wd 0.1; local D-Lion's outer lr follows the same schedule, DiLoCo's is constant (the paper's). "
+        f"wd 0.1; local D-Lion's outer betas {tuple(suite.local_betas)}, its outer lr on the same schedule; "
+        "DiLoCo's outer lr is constant (the paper's). "
         "adamw/lion bytes are the ring model 2(N-1)/N x 4 B/param/step (DDP is not instrumented); the others are "
         "measured payload bytes.",
         "",
