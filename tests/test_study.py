@@ -105,10 +105,12 @@ def test_sections_are_replaced_between_markers_and_the_rest_kept():
 
 
 def test_betas_ablation_rows_and_the_suites_own_betas_marked():
-    runs = [{"method": "local_dlion_H10", "lr": 4e-3, "final_val_loss": 5.5, "config": {"outer_betas": [0.9, 0.99]}},
-            {"method": "local_dlion_H10", "lr": 4e-3, "final_val_loss": 5.25, "config": {"outer_betas": [0.0, 0.99]}},
-            {"method": "adamw", "lr": 2e-3, "final_val_loss": 4.0, "config": {"outer_betas": None}}]
-    lines = report.betas_ablation(runs, (0.0, 0.99))
+    ablation = [{"method": "local_dlion_H10", "lr": 4e-3, "final_val_loss": 5.5,
+                 "config": {"outer_betas": [0.9, 0.99]}}]
+    suite_runs = [{"method": "local_dlion_H10", "lr": 4e-3, "final_val_loss": 5.25, "config": {}},  # the default's
+                  {"method": "local_dlion_H10", "lr": 8e-3, "final_val_loss": 5.0, "config": {}},  # another lr
+                  {"method": "adamw", "lr": 2e-3, "final_val_loss": 4.0, "config": {"outer_betas": None}}]
+    lines = report.betas_ablation(ablation, suite_runs, (0.0, 0.99))
     assert lines[2:] == ["| local_dlion_H10 | 0.004 | (0, 0.99) (the suite's) | 5.2500 |",
                          "| local_dlion_H10 | 0.004 | (0.9, 0.99) | 5.5000 |"]
-    assert report.betas_ablation(runs[2:], (0.0, 0.99)) == []
+    assert report.betas_ablation([], suite_runs, (0.0, 0.99)) == []

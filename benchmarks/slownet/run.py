@@ -356,16 +356,10 @@ def aggregate_study(ranks: list[dict]) -> list[dict]:
     return rows
 
 
-def _git_rev() -> str:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=root).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "distlion_ds", "benchmarks/slownet/*.py",
-                                "benchmarks/study/*.py"], capture_output=True, text=True, cwd=root).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def _study_git_rev() -> str:
+    from benchmarks.study.run import git_rev
+
+    return git_rev("distlion_ds", "benchmarks/slownet/*.py", "benchmarks/study/*.py")
 
 
 STUDY_ROW_KEYS = ("method", "H", "n_params", "s_per_step", "compute_s_per_step", "payload_bytes_per_step",
@@ -399,12 +393,10 @@ def _study_data(data: str) -> int:
     """Prepare the study's dataset and its sample-index cache once, here, before the ranks memory-map it (the
     study's own sample count: the cache its runs built is reused); returns the tokenizer's actual vocabulary."""
     from benchmarks.study.common import SUITES
-    from distlion_ds.data import gpt_datasets, prepare
+    from benchmarks.study.run import prepare_data
 
     suite = SUITES["study"]
-    meta = prepare(corpus="stdlib", out=data, vocab_size=suite.vocab_size)
-    gpt_datasets(data, suite.seq_length, suite.steps * suite.micro_batch * suite.workers, suite.valid_samples)
-    return meta["vocab_size_actual"]
+    return prepare_data(suite, suite.steps, data)["vocab_size_actual"]
 
 
 # ---------------------------------------------------------------------------------------------- scenarios
@@ -555,7 +547,7 @@ def main(argv=None) -> int:
                              cpus=os.cpu_count(), cpu=platform.processor() or platform.machine(),
                              kernel=platform.release(), command="python -m benchmarks.slownet.run " + shlex.join(
                                  sys.argv[1:] if argv is None else argv),
-                             tcp=_tcp_settings(), git_rev=_git_rev()),
+                             tcp=_tcp_settings(), git_rev=_study_git_rev()),
                    dp=[], pp=[], hier=[], runs=[], errors=[], skipped=[], megatron3d=[], study=[], **{"3d": []})
     specs = scenario_specs(args)
     unknown = set(names) - set(specs)

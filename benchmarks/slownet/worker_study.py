@@ -40,17 +40,16 @@ def schedule(method: str, steps: int) -> tuple[int, int]:
     """(warm-up steps, timed steps) of ``method``: see the module docstring."""
     from benchmarks.study.common import parse_method
 
-    h = parse_method(method)["H"]
-    if parse_method(method)["kind"] in PER_STEP:
+    spec = parse_method(method)
+    if spec["kind"] in PER_STEP:
         return 2, steps
-    return h, max(1, math.ceil(ROUND_STEPS / h)) * h
+    return spec["H"], max(1, math.ceil(ROUND_STEPS / spec["H"])) * spec["H"]
 
 
 def run_study(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
     from benchmarks.study.common import SUITES, default_wd, lr_grid, parse_method
-    from benchmarks.study.run import make_optimizer
+    from benchmarks.study.run import forward_backward, make_optimizer
     from distlion_ds.data import gpt_datasets
-    from distlion_ds.demo import _batch
     from distlion_ds.gpt import GPT, GPTConfig
 
     p = spec["params"]
@@ -63,7 +62,6 @@ def run_study(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
     train, _ = gpt_datasets(p["data"], suite.seq_length, suite.steps * suite.micro_batch * world,
                             suite.valid_samples)
     singleton = [dist.new_group([r]) for r in range(world)]  # global Lion's one-rank groups (make_optimizer)
-    mb = suite.micro_batch
     out = []
     for method in p["methods"]:
         kind = parse_method(method)["kind"]
@@ -78,13 +76,8 @@ def run_study(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
         ddp = kind in ("adamw", "lion")
 
         def fwd_bwd(step: int, net=net, opt=opt) -> float:
-            base = (step * world + rank) * mb
-            b = _batch(train, range(base, base + mb))
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=suite.autocast == "bf16"):
-                loss = net(b["tokens"], b["labels"], b["loss_mask"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            forward_backward(net, opt, train, suite, step, world, rank)
             return time.perf_counter() - t0
 
         for step in range(warmup):

@@ -54,6 +54,13 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
         return runs
     methods = STUDY_METHODS + (OPTIONAL_METHODS if int4 else [])
     runs: list[dict] = []
+    best = {m: _seed0_best(suite, m) for m in methods}
+
+    def add_seed1_best(ms: list[str]) -> None:  # each at its seed-0 best lr (the middle until one exists)
+        for m in ms:
+            r = {"method": m, "lr": best[m] if best[m] is not None else lr_grid(m)[0], "seed": SEEDS[1]}
+            if m in methods and r not in runs:
+                runs.append(r)
 
     def add(ms: list[str], which: slice, seed: int = SEEDS[0]) -> None:
         for i in range(3)[which]:  # interleaved: every method's i-th lr before any (i+1)-th
@@ -68,18 +75,12 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     add(["adamw"], slice(0, 1))
     add(["local_dlion_H32", "diloco_fp32_H32"], slice(None))
     add(["diloco_int8_H32"], slice(0, 1))
-    for m in ("local_dlion_H32", "diloco_fp32_H32"):  # the first target's pair again at its seed-0 best, seed 1
-        if m in methods:
-            runs.append({"method": m, "lr": _seed0_best(suite, m) or lr_grid(m)[0], "seed": SEEDS[1]})
+    add_seed1_best(["local_dlion_H32", "diloco_fp32_H32"])  # the first target's pair again, seed 1
     add(["dlion_mavo", "lion", "adamw"], slice(None))
     add(methods, slice(0, 1))
     add(methods, slice(None))
-    # Seed 1: each method at its seed-0 best lr first (once those results exist; the middle until then), then the rest.
-    best = {m: _seed0_best(suite, m) for m in methods}
-    for m in methods:
-        r = {"method": m, "lr": best[m] if best[m] is not None else lr_grid(m)[0], "seed": SEEDS[1]}
-        if r not in runs:
-            runs.append(r)
+    # Seed 1: each method at its seed-0 best lr first, then the rest.
+    add_seed1_best(methods)
     for s in SEEDS[1:]:
         add(methods, slice(None), seed=s)
     return [dict(r, wd=default_wd(r["method"], SUITES[suite])) for r in runs]

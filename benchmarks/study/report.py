@@ -233,15 +233,16 @@ def plots(rows: list[dict], docs: pathlib.Path) -> list[pathlib.Path]:
     return paths
 
 
-def betas_ablation(results: list[dict], default: tuple[float, float]) -> list[str]:
-    """Local D-Lion's outer-betas ablation (``run --outer-betas``; results in ``betas/``) as a table, with the
-    suite's own betas' runs of the same method and lr (``results``: the suite's runs) beside them."""
-    ab = [r for r in results if r["config"].get("outer_betas") is not None]
-    if not ab:
+def betas_ablation(ablation: list[dict], suite_runs: list[dict], default: tuple[float, float]) -> list[str]:
+    """Local D-Lion's outer-betas ablation (``run --outer-betas``; results in ``betas/``) as a table, with the suite's
+    own runs of the same method and lr (their betas: the config's, else ``default``) beside them."""
+    if not ablation:
         return []
+    same = [r for r in suite_runs if any(r["method"] == a["method"] and math.isclose(r["lr"], a["lr"])
+                                         for a in ablation)]
+    rows = [(r, tuple(r["config"].get("outer_betas") or default)) for r in ablation + same]
     lines = ["| method | outer lr | outer betas | final val loss |", "|---|---|---|---|"]
-    for r in sorted(ab, key=lambda r: (r["method"], r["lr"], r["config"]["outer_betas"])):
-        b = tuple(r["config"]["outer_betas"])
+    for r, b in sorted(rows, key=lambda x: (x[0]["method"], x[0]["lr"], x[1])):
         tag = " (the suite's)" if b == tuple(default) else ""
         lines.append(f"| {r['method']} | {r['lr']:g} | ({b[0]:g}, {b[1]:g}){tag} | {r['final_val_loss']:.4f} |")
     return lines
@@ -288,20 +289,13 @@ def demo_section(results: list[dict]) -> str:
                      if name in ("adamw", "lion", "dlion_mavo", "dlion_avg", "dlion_local"))
     betas = load(SUITES["demo"].results / "betas")
     if betas:
-        same = [r for r in results if r["method"] == "local_dlion_H10"]
         lines += ["", "Local D-Lion's outer betas at this scale (`python -m benchmarks.study.run --suite demo --method "
                   "local_dlion_H10 --lr 0.004 --outer-betas 0.0,0.99`; the sweep above used LocalStepsLion's default "
-                  "(0.9, 0.99)), seed 0:", "",
-                  *betas_ablation(betas + [dict(r, config=dict(r["config"], outer_betas=[0.9, 0.99])) for r in same
-                                           if any(math.isclose(r["lr"], b["lr"]) for b in betas)], (0.9, 0.99))]
+                  "(0.9, 0.99)), seed 0:", "", *betas_ablation(betas, results, suite.local_betas)]
     lines += ["", f"Runs done: {n_done} / {n_planned}. The demo (distlion_ds/demo.py) uses: {used} (before this "
               "sweep: AdamW lr 2e-3 / wd 0.1, Lion and D-Lion lr 4e-4 / wd 0.5, never tuned). Its dlion_local is "
               "local_dlion_H10: outer lr and weight decay shown, inner AdamW lr 2e-3 / wd 0.1 as in the sweep."]
     return "\n".join(lines)
-
-
-def _suite_local(rows: list[dict]) -> list[dict]:
-    return [r for row in rows for r in row["runs"] if r["config"].get("outer_betas") is not None]
 
 
 def study_section(rows: list[dict], docs: pathlib.Path, wrote_plots: bool, slownet: dict | None = None) -> str:
@@ -338,9 +332,7 @@ def study_section(rows: list[dict], docs: pathlib.Path, wrote_plots: bool, slown
     if betas:
         lines += [f"Local D-Lion's outer betas at this scale (`--outer-betas`; the table above uses "
                   f"{tuple(suite.local_betas)}, chosen from the demo-scale ablation), seed 0:", "",
-                  *betas_ablation(betas + [r for r in _suite_local(rows) if any(
-                      r["method"] == b["method"] and math.isclose(r["lr"], b["lr"]) for b in betas)],
-                      suite.local_betas), ""]
+                  *betas_ablation(betas, [r for row in rows for r in row["runs"]], suite.local_betas), ""]
     if wrote_plots:
         lines += [f"![validation loss vs bytes]({(docs / 'study_loss_vs_bytes.png').relative_to(docs)})",
                   f"![validation loss vs steps]({(docs / 'study_loss_vs_steps.png').relative_to(docs)})", ""]

@@ -51,17 +51,41 @@ logger = logging.getLogger("benchmarks.study.run")
 PAUSED = 3
 
 
-def _git_rev() -> str:
-    here = pathlib.Path(__file__).parent
+def git_rev(*paths: str) -> str:
+    """HEAD, with ``+dirty`` when ``paths`` (repository-relative pathspecs) have uncommitted changes."""
+    root = pathlib.Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=here).stdout.strip()
-        paths = ["distlion_ds", "kernels", "benchmarks/study/*.py"]
+                             cwd=root).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], capture_output=True, text=True,
-                               cwd=here.parent.parent).stdout.strip()
+                               cwd=root).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def prepare_data(suite: Suite, steps: int, data: str) -> dict:
+    """Make (or reuse) the tokenizer, the dataset and its sample-index cache for ``steps`` steps of ``suite``, in one
+    process before the workers memory-map them; returns the tokenizer's meta."""
+    from distlion_ds.data import gpt_datasets, prepare
+
+    meta = prepare(corpus="stdlib", out=data, vocab_size=suite.vocab_size)
+    gpt_datasets(data, suite.seq_length, steps * suite.micro_batch * suite.workers, suite.valid_samples)
+    return meta
+
+
+def forward_backward(net, opt, train, suite: Suite, step: int, world: int, rank: int) -> torch.Tensor:
+    """One inner step's forward and backward on worker ``rank``'s sequences of ``step`` (every method the same
+    tokens), under bf16 autocast when the suite says so; returns the loss (``opt.step()`` is the caller's)."""
+    from distlion_ds.demo import _batch
+
+    base = (step * world + rank) * suite.micro_batch
+    b = _batch(train, range(base, base + suite.micro_batch))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=suite.autocast == "bf16"):
+        loss = net(b["tokens"], b["labels"], b["loss_mask"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss
 
 
 def _machine() -> dict:
@@ -126,7 +150,7 @@ def _worker(rank: int, world: int, port: int, job: dict, queue) -> None:
 
     from distlion_ds.comm import replica_checksum
     from distlion_ds.data import gpt_datasets
-    from distlion_ds.demo import _batch, _lr_lambda
+    from distlion_ds.demo import _lr_lambda
     from distlion_ds.gpt import GPT, GPTConfig
     from distlion_ds.kernels import _dispatch
 
@@ -177,12 +201,7 @@ def _worker(rank: int, world: int, port: int, job: dict, queue) -> None:
     t0 = time.perf_counter()
     status = "done"
     for step in range(start, steps):
-        base = (step * world + rank) * suite.micro_batch
-        b = _batch(train, range(base, base + suite.micro_batch))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=suite.autocast == "bf16"):
-            loss = net(b["tokens"], b["labels"], b["loss_mask"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = forward_backward(net, opt, train, suite, step, world, rank)
         opt.step()
         sched.step()
         if kind == "local_dlion" and opt.outer is not None:
@@ -275,8 +294,6 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
         outer_betas: local D-Lion's outer betas when not the suite's ``local_betas``: an ablation, written to
             ``results[/demo]/betas/<run>_b<b1>-<b2>.json`` (the report's tables read only the suite's).
     """
-    from distlion_ds.data import gpt_datasets, prepare
-
     spec = parse_method(method)
     wd = default_wd(method, suite) if wd is None else wd
     steps = steps or suite.steps
@@ -300,8 +317,7 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
         return 0
     ckpt_dir = CKPT_ROOT / suite.name / (name + ("" if steps == suite.steps else f"_steps{steps}"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    meta = prepare(corpus="stdlib", out=data, vocab_size=suite.vocab_size)
-    gpt_datasets(data, suite.seq_length, steps * suite.micro_batch * suite.workers, suite.valid_samples)
+    meta = prepare_data(suite, steps, data)
     job = dict(suite={f.name: getattr(suite, f.name) for f in dataclasses.fields(suite) if f.name != "results"},
                steps=steps, method=method, lr=lr, wd=wd, seed=seed, data=data, name=name,
                vocab_size=meta["vocab_size_actual"], ckpt_dir=str(ckpt_dir), deadline=deadline,
@@ -324,7 +340,7 @@ def run(method: str, lr: float, seed: int, suite: Suite, wd: float | None = None
                    "autocast": suite.autocast,
                    "outer_betas": job["outer_betas"] if spec["kind"] == "local_dlion" else None,
                    "tokenizer_sha256": meta["tokenizer_sha256"]},
-        "git_rev": _git_rev(), "machine": _machine(),
+        "git_rev": git_rev("distlion_ds", "kernels", "benchmarks/study/*.py"), "machine": _machine(),
         "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -362,8 +378,9 @@ def main(argv=None) -> int:
     if args.outer_betas is not None:
         try:
             betas = tuple(float(x) for x in args.outer_betas.split(","))
-            assert len(betas) == 2 and all(0 <= b < 1 for b in betas)
-        except (ValueError, AssertionError):
+        except ValueError:
+            betas = ()
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             ap.error(f"--outer-betas {args.outer_betas!r}: expected two numbers in [0, 1), e.g. 0.9,0.95")
     return run(args.method, args.lr, args.seed, SUITES[args.suite], args.wd, args.steps, deadline, args.data,
                pathlib.Path(args.out) if args.out else None, betas)
