@@ -2,7 +2,8 @@
 
 Usage:
     make gpu-check                       # = python benchmarks/gpu_check.py
-    python benchmarks/gpu_check.py [--out-dir runs/gpu_check] [--numel 67108864] [--skip-tests] [--dry-run]
+    python benchmarks/gpu_check.py [--out-dir runs/gpu_check] [--numel 67108864] [--skip-tests] [--test-workers 8]
+                                   [--dry-run]
 
 Made for the machine issue 10 describes: Python 3.12, torch, triton 3.6, pytest, no deepspeed / megatron, no
 internet, and the package NOT installed: the script puts the repo on ``sys.path`` and maps ``distlion_ds.kernels``
@@ -98,19 +99,26 @@ class _Outcomes:
                 self.outcomes[report.nodeid] = report.outcome
 
 
-def section_tests() -> dict:
+def section_tests(workers: int = 0) -> dict:
+    """tests/test_gpu_kernels.py on CUDA; ``workers`` > 0 spreads it over that many pytest-xdist processes when
+    xdist is installed (the kernels' JIT compilation is most of the time, and it is CPU work)."""
+    import importlib.util
+
     import pytest
 
     plugin = _Outcomes()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(REPO), "-c", str(REPO / "pyproject.toml"),
-                        str(REPO / "tests" / "test_gpu_kernels.py")], plugins=[plugin])
+    args = ["-q", "-p", "no:cacheprovider", "--rootdir", str(REPO), "-c", str(REPO / "pyproject.toml")]
+    xdist = workers > 0 and importlib.util.find_spec("xdist") is not None
+    if xdist:
+        args += ["-n", str(workers)]
+    code = pytest.main(args + [str(REPO / "tests" / "test_gpu_kernels.py")], plugins=[plugin])
     counts: dict[str, int] = {}
     for outcome in plugin.outcomes.values():
         counts[outcome] = counts.get(outcome, 0) + 1
     failed = sorted(k for k, v in plugin.outcomes.items() if v == "failed")
     skipped = counts.get("skipped", 0)
     return {"ok": int(code) == 0 and not failed and not skipped and counts.get("passed", 0) > 0,
-            "exit_code": int(code), "counts": counts, "failed": failed}
+            "exit_code": int(code), "counts": counts, "failed": failed, "xdist_workers": workers if xdist else 0}
 
 
 def section_bandwidth(device, numel: int, ranks: int) -> dict:
@@ -243,7 +251,8 @@ def render_markdown(result: dict) -> str:
         lines.append("")
         if name == "tests" and "counts" in s:
             lines.append(f"tests/test_gpu_kernels.py: {s['counts']}" + (f"; failed: {s['failed']}" if s["failed"]
-                                                                        else ""))
+                                                                        else "")
+                         + (f" ({s['xdist_workers']} xdist workers)" if s.get("xdist_workers") else ""))
             lines.append("")
         if name == "bandwidth" and "rows" in s:
             lines += [f"{s['numel']} elements, vote_count/lion_apply with N = {s['ranks']}.", "",
@@ -283,6 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--numel", type=int, default=64 << 20, help="elements per tensor for bandwidth and TopK")
     ap.add_argument("--ranks", type=int, default=4, help="N for vote_count / lion_apply in the bandwidth table")
     ap.add_argument("--skip-tests", action="store_true", help="skip section 1 (the exact tests on CUDA)")
+    ap.add_argument("--test-workers", type=int, default=0,
+                    help="pytest-xdist processes for section 1 when xdist is installed (0: in this process)")
     ap.add_argument("--dry-run", action="store_true", help="no GPU sections: check the setup and write the report")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: self-test of this script with the kernels interpreted (pass as --device=cpu)")
@@ -319,12 +330,14 @@ def main(argv=None) -> int:
         write_report(result, Path(args.out_dir))
         return 2
     if not args.dry_run:
+        sections = [("bandwidth", section_bandwidth, device, args.numel, args.ranks),
+                    ("topk", section_topk, device, args.numel), ("dlion", section_dlion, device, args.numel),
+                    ("codecs", section_codecs, device)]
         if not args.skip_tests and not SELF_TEST:
-            run_section(result, "tests", section_tests)
-        run_section(result, "bandwidth", section_bandwidth, device, args.numel, args.ranks)
-        run_section(result, "topk", section_topk, device, args.numel)
-        run_section(result, "dlion", section_dlion, device, args.numel)
-        run_section(result, "codecs", section_codecs, device)
+            sections.insert(0, ("tests", section_tests, args.test_workers))
+        for name, fn, *fn_args in sections:
+            run_section(result, name, fn, *fn_args)
+            write_report(result, Path(args.out_dir))  # after each section: a run cut short still leaves its report
     json_path, md_path = write_report(result, Path(args.out_dir))
     print(f"[gpu-check] wrote {json_path} and {md_path}")
     print(md_path.read_text())
