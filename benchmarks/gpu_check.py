@@ -177,7 +177,7 @@ def section_dlion(device, numel: int) -> dict:
 
     import distlion_ds
 
-    rows = []
+    rows, profiles = [], {}
     ok = True
     for aggregation in ("mavo", "avg"):
         for dtype in (torch.float32, torch.bfloat16):
@@ -201,8 +201,26 @@ def section_dlion(device, numel: int) -> dict:
             ms = 1e3 * (time.perf_counter() - start) / 5
             rows.append({"aggregation": aggregation, "dtype": str(dtype).removeprefix("torch."),
                          "bit_equal_to_cpu_after_3_steps": equal, "step_ms": ms, "params": numel})
+            profiles[f"{aggregation} {rows[-1]['dtype']}"] = _profile(opt.step, device)
             del params, opt
-    return {"ok": ok, "rows": rows}
+    return {"ok": ok, "rows": rows, "profiles": profiles}
+
+
+def _profile(fn, device, steps: int = 2) -> str:
+    """torch.profiler's table of ``fn`` run ``steps`` times: where a step's time goes, host and device."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = prof.key_averages()
+    return (averages.table(sort_by=sort, row_limit=12) + "\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def section_codecs(device) -> dict:
@@ -281,6 +299,9 @@ def render_markdown(result: dict) -> str:
 def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "gpu_check.json", out_dir / "gpu_check.md"
+    profiles = result["sections"].get("dlion", {}).get("profiles")
+    if profiles:
+        (out_dir / "dlion_profile.txt").write_text("".join(f"## {k}\n{v}\n" for k, v in profiles.items()))
     json_path.write_text(json.dumps(result, indent=1, default=str))
     md_path.write_text(render_markdown(result))
     return json_path, md_path

@@ -8,9 +8,18 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
 import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+import distlion_ds  # noqa: E402  (lean: imports neither triton nor torch.cuda)
+
+if importlib.util.find_spec("distlion_ds.kernels") is None:
+    # A checkout that is not installed (the device check's machine, its pytest-xdist workers too): the repo folder
+    # kernels/ is distlion_ds.kernels, as pyproject's package-dir maps it in an installation.
+    distlion_ds.__path__.append(str(Path(__file__).resolve().parent.parent))
 
 
 @pytest.fixture(scope="session")
