@@ -171,34 +171,107 @@ def lion_votes(grad: torch.Tensor | None, exp_avg: torch.Tensor, beta1: float, s
 
 
 # --------------------------------------------------------------------------------------------- vote count
+# The count is bit-sliced, as in the reference: plane k holds bit k of every element's number of +1 votes, 8
+# elements per byte, and a rank's packed byte is added with a carry chain of bitwise ops. No vote is ever unpacked
+# (the first kernel unpacked every byte into 8 int32 lanes and packed them back through a [bytes, 8] tile: 0.07 of a
+# device-to-device copy's bandwidth on an H200, benchmarks/RESULTS.md). Up to _COUNT_PLANES planes: N < 2**12;
+# larger groups count with the torch reference on the GPU.
+_COUNT_PLANES = 12
+
+
+def _count_block_bytes(n_ranks: int) -> int:
+    """8 bytes per thread at 16 warps (one 8-byte load per rank where rows are aligned) up to 16 ranks; 2 above,
+    where the unrolled loads of 32 ranks spilled at 8 (ptxas, sm_90, tests/test_gpu_compile.py)."""
+    return 4096 if n_ranks <= 16 else 1024
+
+
+@triton.jit
+def _half_add(plane, carry):
+    """One bit of the bit-sliced counter: (new plane, carry out)."""
+    return plane ^ carry, plane & carry
+
+
+@triton.jit
+def _compare_bit(above, equal, plane, HALF_BIT: tl.constexpr):
+    """One bit, from the top down, of ``count > N // 2`` on the planes (the reference's MaVo comparison)."""
+    if HALF_BIT:
+        equal = equal & plane
+    else:
+        above = above | (equal & plane)
+        equal = equal & ~plane
+    return above, equal
+
+
 @triton.jit
 def _vote_count_kernel(recv_ptr, recv_stride, out_ptr, out_stride, n_bytes, step, elem_offset, N_RANKS: tl.constexpr,
                        AVG: tl.constexpr, NBITS: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    # N is a compile-time constant: it is fixed for a run (one compilation per group size), and a runtime loop
-    # bound breaks the interpreter of Triton 3.6 (a scalar argument there is a 1-element array, not an int).
+    # N is a compile-time constant: it is fixed for a run (one compilation per group size), the rank loop unrolls,
+    # and rank r (0-based) carries into plane k only when r + 1 >= 2**k (a count of r + 1 needs no higher plane).
     pid = tl.program_id(0).to(tl.int64)
     byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     bmask = byte < n_bytes
-    bit_pos = tl.arange(0, 8)
-    ones = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
+    p0 = tl.zeros((BLOCK_BYTES,), dtype=tl.int32)
+    p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11 = p0, p0, p0, p0, p0, p0, p0, p0, p0, p0, p0
     # Row r starts r * recv_stride bytes in: the stride is added to a 64-bit pointer per row, since r * recv_stride
     # in 32 bits overflows for large shards (64 ranks x 32 MiB).
     row = recv_ptr + byte
-    for _ in range(N_RANKS):
-        b = tl.load(row, mask=bmask, other=0).to(tl.int32)
-        ones += (b[:, None] >> bit_pos[None, :]) & 1
+    for r in tl.static_range(N_RANKS):
+        c = tl.load(row, mask=bmask, other=0).to(tl.int32)
+        p0, c = _half_add(p0, c)
+        if r >= 1:
+            p1, c = _half_add(p1, c)
+        if r >= 3:
+            p2, c = _half_add(p2, c)
+        if r >= 7:
+            p3, c = _half_add(p3, c)
+        if r >= 15:
+            p4, c = _half_add(p4, c)
+        if r >= 31:
+            p5, c = _half_add(p5, c)
+        if r >= 63:
+            p6, c = _half_add(p6, c)
+        if r >= 127:
+            p7, c = _half_add(p7, c)
+        if r >= 255:
+            p8, c = _half_add(p8, c)
+        if r >= 511:
+            p9, c = _half_add(p9, c)
+        if r >= 1023:
+            p10, c = _half_add(p10, c)
+        if r >= 2047:
+            p11, c = _half_add(p11, c)
         row += recv_stride
     if AVG:
-        # q = (S + N) / 2 is just the number of +1 votes, in [0, N]: NBITS bit-planes.
+        # The count (S + N) / 2 is the number of +1 votes, in [0, N]: its NBITS planes are the aggregate.
         plane_out = out_ptr + byte
         for k in tl.static_range(NBITS):
-            plane = _pack_bits(((ones >> k) & 1) != 0, bit_pos)
-            tl.store(plane_out, plane, mask=bmask)
+            plane = (p0 if k == 0 else p1 if k == 1 else p2 if k == 2 else p3 if k == 3 else p4 if k == 4 else
+                     p5 if k == 5 else p6 if k == 6 else p7 if k == 7 else p8 if k == 8 else p9 if k == 9 else
+                     p10 if k == 10 else p11)
+            tl.store(plane_out, plane.to(tl.uint8), mask=bmask)
             plane_out += out_stride
     else:
-        s = 2 * ones - N_RANKS
-        idx = elem_offset + byte[:, None] * 8 + bit_pos[None, :]
-        tl.store(out_ptr + byte, _pack_bits(_vote_bits(s, idx, step), bit_pos), mask=bmask)
+        # S > 0 <=> count > N // 2; a tie (even N) <=> count == N / 2, then the zero rule's byte.
+        HALF: tl.constexpr = N_RANKS // 2
+        above = tl.zeros((BLOCK_BYTES,), dtype=tl.int32)
+        equal = above + 0xFF
+        above, equal = _compare_bit(above, equal, p11, (HALF >> 11) & 1)
+        above, equal = _compare_bit(above, equal, p10, (HALF >> 10) & 1)
+        above, equal = _compare_bit(above, equal, p9, (HALF >> 9) & 1)
+        above, equal = _compare_bit(above, equal, p8, (HALF >> 8) & 1)
+        above, equal = _compare_bit(above, equal, p7, (HALF >> 7) & 1)
+        above, equal = _compare_bit(above, equal, p6, (HALF >> 6) & 1)
+        above, equal = _compare_bit(above, equal, p5, (HALF >> 5) & 1)
+        above, equal = _compare_bit(above, equal, p4, (HALF >> 4) & 1)
+        above, equal = _compare_bit(above, equal, p3, (HALF >> 3) & 1)
+        above, equal = _compare_bit(above, equal, p2, (HALF >> 2) & 1)
+        above, equal = _compare_bit(above, equal, p1, (HALF >> 1) & 1)
+        above, equal = _compare_bit(above, equal, p0, HALF & 1)
+        if N_RANKS % 2 == 0:
+            # Element j0 + i of a byte votes +1 on a tie where (j0 + i + step) is even; j0 = elem_offset + 8 * byte.
+            tie = tl.where(((elem_offset + step) & 1) == 0, 0x55, 0xAA)
+            above = above | (equal & tie)
+        tl.store(out_ptr + byte, above.to(tl.uint8), mask=bmask)
 
 
 def vote_count_ref(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int, elem_offset: int = 0,
@@ -261,12 +334,12 @@ def vote_count(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int, el
         out = torch.empty(nbits, n_bytes, dtype=torch.uint8, device=recv.device)
     elif out.shape != (nbits, n_bytes) or out.dtype != torch.uint8 or out.stride(1) != 1:
         raise ValueError(f"out must be uint8 [{nbits}, {n_bytes}] with contiguous rows")
-    if not use_triton(recv, out):
+    if not use_triton(recv, out) or n_ranks >= 2**_COUNT_PLANES:
         return vote_count_ref(recv, n_ranks, aggregation, step, elem_offset, out)
     if n_bytes:
-        grid = (triton.cdiv(n_bytes, _BLOCK_BYTES),)
-        launch(_vote_count_kernel, grid, recv, recv.stride(0), out, out.stride(0), n_bytes, step, elem_offset,
-               N_RANKS=n_ranks, AVG=aggregation == "avg", NBITS=nbits, BLOCK_BYTES=_BLOCK_BYTES,
+        block = _count_block_bytes(n_ranks)
+        launch(_vote_count_kernel, (triton.cdiv(n_bytes, block),), recv, recv.stride(0), out, out.stride(0),
+               n_bytes, step, elem_offset, N_RANKS=n_ranks, AVG=aggregation == "avg", NBITS=nbits, BLOCK_BYTES=block,
                num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
     return out
 

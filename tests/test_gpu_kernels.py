@@ -74,7 +74,7 @@ def test_lion_votes_on_gpu(dtype):
 
 
 @pytest.mark.parametrize("aggregation", ["mavo", "avg"])
-@pytest.mark.parametrize("n_ranks", [1, 2, 3, 4, 8, 32, 64])
+@pytest.mark.parametrize("n_ranks", [1, 2, 3, 4, 8, 16, 17, 64, 127])
 def test_vote_count_and_apply_on_gpu(n_ranks, aggregation):
     n = 4 * 8192 + 333
     n_bytes = math.ceil(n / 8)

@@ -178,6 +178,33 @@ def test_vote_count_matches_reference_and_sum_of_votes(n_ranks, aggregation):
 
 
 @pytest.mark.parametrize("aggregation", ["mavo", "avg"])
+@pytest.mark.parametrize("n_ranks", [64, 127, 256, 1030, 4096])
+def test_vote_count_large_groups_reach_every_plane(n_ranks, aggregation):
+    """Counts of 0, N, N/2, N/2 + 1 and random: every plane of the bit-sliced counter carries, up to N = 4095 in
+    the kernel, and 4096 ranks count with the reference. Oracle: the integer sum of the unpacked votes."""
+    n = 8 * 40
+    gen = torch.Generator().manual_seed(n_ranks)
+    votes = torch.zeros(n_ranks, n, dtype=torch.bool)
+    kind = torch.arange(n) % 5
+    votes[:, kind == 1] = True
+    for j in torch.nonzero(kind == 2).flatten().tolist() + torch.nonzero(kind == 4).flatten().tolist():
+        ones = n_ranks // 2 + int(kind[j] == 4)
+        votes[torch.randperm(n_ranks, generator=gen)[:ones], j] = True
+    votes[:, kind == 3] = torch.rand(n_ranks, int((kind == 3).sum()), generator=gen) < 0.5
+    recv = torch.stack([pack_bits_ref(votes[r]) for r in range(n_ranks)])
+    out = vote_count(recv, n_ranks, aggregation, step=3, elem_offset=1)
+    s = 2 * votes.int().sum(0) - n_ranks
+    if aggregation == "mavo":
+        j = torch.arange(1, 1 + n)
+        want = torch.where(s == 0, torch.where((j + 3) % 2 == 0, 1, -1), s.sign())
+        assert unpack_signs_ref(out[0], n).int().tolist() == want.tolist()
+    else:
+        nbits = aggregate_bits(aggregation, n_ranks)
+        q = sum(unpack_signs_ref(out[k], n).add(1).div(2).int() << k for k in range(nbits))
+        assert (2 * q - n_ranks).tolist() == s.tolist()
+
+
+@pytest.mark.parametrize("aggregation", ["mavo", "avg"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lion_apply_matches_reference(dtype, aggregation):
     n, n_ranks = 9003, 3
