@@ -38,10 +38,12 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info runs
 
-# One command on a 1-GPU machine (Python 3.12, torch, triton, pytest; no venv, no network, package not installed):
-# exact kernel tests on CUDA, bandwidth vs a D2D copy, TopK vs torch.topk, a D-Lion step, codec round trips.
+# One command on a 1-GPU machine (Python 3.12, torch, triton, pytest, pydantic; no venv, no network, package not
+# installed): exact kernel tests on CUDA, bandwidth vs a D2D copy, TopK vs torch.topk, a D-Lion step, codec round
+# trips. GPU_CHECK_ARGS="--test-workers 15" spreads the tests over pytest-xdist.
 # Writes runs/gpu_check/gpu_check.{json,md}. See benchmarks/gpu_check.py.
 .PHONY: gpu-check
 GPU_CHECK_PY ?= python3
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(GPU_CHECK_PY) benchmarks/gpu_check.py
+	$(GPU_CHECK_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

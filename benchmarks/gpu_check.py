@@ -5,7 +5,8 @@ Usage:
     python benchmarks/gpu_check.py [--out-dir runs/gpu_check] [--numel 67108864] [--skip-tests] [--test-workers 8]
                                    [--dry-run]
 
-Made for the machine issue 10 describes: Python 3.12, torch, triton 3.6, pytest, no deepspeed / megatron, no
+Made for the machine issue 10 describes: Python 3.12, torch, triton 3.6, pytest, pydantic (the codecs' configs; carry
+it as a wheel where it is missing), no deepspeed / megatron, no
 internet, and the package NOT installed: the script puts the repo on ``sys.path`` and maps ``distlion_ds.kernels``
 to the repo folder ``kernels/`` itself (pyproject's package-dir does that in an installation). Sections, each
 recorded with its error instead of stopping the run:
