@@ -177,12 +177,13 @@ def lion_votes(grad: torch.Tensor | None, exp_avg: torch.Tensor, beta1: float, s
 # device-to-device copy's bandwidth on an H200, benchmarks/RESULTS.md). Up to _COUNT_PLANES planes: N < 2**12;
 # larger groups count with the torch reference on the GPU.
 _COUNT_PLANES = 12
+_COUNT_UNROLL = 16  # ranks unrolled in the count (every group of <= 16 is counted with no loop at all)
 
 
 def _count_block_bytes(n_ranks: int) -> int:
     """8 bytes per thread at 16 warps (one 8-byte load per rank where rows are aligned) up to 16 ranks; 2 above,
     where the unrolled loads of 32 ranks spilled at 8 (ptxas, sm_90, tests/test_gpu_compile.py)."""
-    return 4096 if n_ranks <= 16 else 1024
+    return 4096 if n_ranks <= _COUNT_UNROLL else 1024
 
 
 @triton.jit
@@ -203,10 +204,43 @@ def _compare_bit(above, equal, plane, HALF_BIT: tl.constexpr):
 
 
 @triton.jit
+def _count_rank(row, bmask, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, TOP: tl.constexpr):
+    """Add one rank's packed byte to the bit-sliced counter; planes above ``TOP`` cannot carry and are left alone."""
+    c = tl.load(row, mask=bmask, other=0).to(tl.int32)
+    p0, c = _half_add(p0, c)
+    if TOP >= 1:
+        p1, c = _half_add(p1, c)
+    if TOP >= 2:
+        p2, c = _half_add(p2, c)
+    if TOP >= 3:
+        p3, c = _half_add(p3, c)
+    if TOP >= 4:
+        p4, c = _half_add(p4, c)
+    if TOP >= 5:
+        p5, c = _half_add(p5, c)
+    if TOP >= 6:
+        p6, c = _half_add(p6, c)
+    if TOP >= 7:
+        p7, c = _half_add(p7, c)
+    if TOP >= 8:
+        p8, c = _half_add(p8, c)
+    if TOP >= 9:
+        p9, c = _half_add(p9, c)
+    if TOP >= 10:
+        p10, c = _half_add(p10, c)
+    if TOP >= 11:
+        p11, c = _half_add(p11, c)
+    return p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11
+
+
+@triton.jit
 def _vote_count_kernel(recv_ptr, recv_stride, out_ptr, out_stride, n_bytes, step, elem_offset, N_RANKS: tl.constexpr,
-                       AVG: tl.constexpr, NBITS: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    # N is a compile-time constant: it is fixed for a run (one compilation per group size), the rank loop unrolls,
-    # and rank r (0-based) carries into plane k only when r + 1 >= 2**k (a count of r + 1 needs no higher plane).
+                       AVG: tl.constexpr, NBITS: tl.constexpr, COUNT_BITS: tl.constexpr, UNROLL: tl.constexpr,
+                       BLOCK_BYTES: tl.constexpr):
+    # N is a compile-time constant: it is fixed for a run (one compilation per group size). The first UNROLL ranks
+    # are unrolled, rank r (0-based) touching only planes k with 2**k <= r + 1 (a count of r + 1 needs no higher
+    # plane); the rest run in a loop over every plane the count can reach (COUNT_BITS), so a large group compiles
+    # one loop body rather than N copies.
     pid = tl.program_id(0).to(tl.int64)
     byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     bmask = byte < n_bytes
@@ -215,31 +249,14 @@ def _vote_count_kernel(recv_ptr, recv_stride, out_ptr, out_stride, n_bytes, step
     # Row r starts r * recv_stride bytes in: the stride is added to a 64-bit pointer per row, since r * recv_stride
     # in 32 bits overflows for large shards (64 ranks x 32 MiB).
     row = recv_ptr + byte
-    for r in tl.static_range(N_RANKS):
-        c = tl.load(row, mask=bmask, other=0).to(tl.int32)
-        p0, c = _half_add(p0, c)
-        if r >= 1:
-            p1, c = _half_add(p1, c)
-        if r >= 3:
-            p2, c = _half_add(p2, c)
-        if r >= 7:
-            p3, c = _half_add(p3, c)
-        if r >= 15:
-            p4, c = _half_add(p4, c)
-        if r >= 31:
-            p5, c = _half_add(p5, c)
-        if r >= 63:
-            p6, c = _half_add(p6, c)
-        if r >= 127:
-            p7, c = _half_add(p7, c)
-        if r >= 255:
-            p8, c = _half_add(p8, c)
-        if r >= 511:
-            p9, c = _half_add(p9, c)
-        if r >= 1023:
-            p10, c = _half_add(p10, c)
-        if r >= 2047:
-            p11, c = _half_add(p11, c)
+    for r in tl.static_range(UNROLL):
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11 = _count_rank(
+            row, bmask, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11,
+            0 if r < 1 else 1 if r < 3 else 2 if r < 7 else 3 if r < 15 else 4)
+        row += recv_stride
+    for _ in range(UNROLL, N_RANKS):
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11 = _count_rank(
+            row, bmask, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, COUNT_BITS - 1)
         row += recv_stride
     if AVG:
         # The count (S + N) / 2 is the number of +1 votes, in [0, N]: its NBITS planes are the aggregate.
@@ -339,7 +356,8 @@ def vote_count(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int, el
     if n_bytes:
         block = _count_block_bytes(n_ranks)
         launch(_vote_count_kernel, (triton.cdiv(n_bytes, block),), recv, recv.stride(0), out, out.stride(0),
-               n_bytes, step, elem_offset, N_RANKS=n_ranks, AVG=aggregation == "avg", NBITS=nbits, BLOCK_BYTES=block,
+               n_bytes, step, elem_offset, N_RANKS=n_ranks, AVG=aggregation == "avg", NBITS=nbits,
+               COUNT_BITS=aggregate_bits("avg", n_ranks), UNROLL=min(n_ranks, _COUNT_UNROLL), BLOCK_BYTES=block,
                num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
     return out
 

@@ -147,6 +147,11 @@ def kernel_cases():
                          lambda apply=apply: apply(rounding_seed=12345, elem_offset=BIG)))
                     add((f"lion_apply {agg} N={n_ranks} bf16 stochastic unaligned n=1001",
                          lambda apply=apply: apply(n=1001, offset=1, rounding_seed=3, elem_offset=8)))
+    for n_ranks in (17, 127, 1030):  # the count's loop past its 16 unrolled ranks, planes up to 2**10
+        add((f"vote_count mavo N={n_ranks}", lambda n_ranks=n_ranks: K.vote_count(
+            torch.empty(n_ranks, 1024, dtype=torch.uint8, device="meta"), n_ranks, "mavo", 1)))
+        add((f"vote_count avg N={n_ranks}", lambda n_ranks=n_ranks: K.vote_count(
+            torch.empty(n_ranks, 1024, dtype=torch.uint8, device="meta"), n_ranks, "avg", 1)))
     # 64 ranks x a 32 MiB shard: row offsets past 2**31 bytes (the 32-bit `r * stride` overflowed here)
     add(("vote_count avg N=64 row stride 2^25+64", lambda: K.vote_count(
         torch.empty(64, 2**25 + 64, dtype=torch.uint8, device="meta")[:, :2**25], 64, "avg", 1)))
