@@ -95,6 +95,18 @@ def test_best_lr_is_the_lowest_mean_over_seeds():
     assert report.best_lr(runs) == 2.0  # 3.7 < 4.0, although lr 1.0 has the single best run
 
 
+def test_a_best_lr_at_the_end_of_its_grid_is_flagged():
+    low, mid, high = sorted(lr_grid("dlion_mavo"))
+
+    def runs(*lrs_losses):
+        return [{"lr": lr, "final_val_loss": v} for lr, v in lrs_losses]
+
+    assert report.grid_edge("dlion_mavo", runs((low, 4.1), (mid, 4.2)), low) == "lowest"
+    assert report.grid_edge("dlion_mavo", runs((mid, 4.3), (high, 4.2)), high) == "highest"
+    assert report.grid_edge("dlion_mavo", runs((low, 4.3), (mid, 4.1), (high, 4.2)), mid) is None
+    assert report.grid_edge("dlion_mavo", runs((low, 4.1)), low) is None  # one lr run: nothing decided yet
+
+
 def test_sections_are_replaced_between_markers_and_the_rest_kept():
     text = "# Results\n\nothers' section\n"
     once = report.replace_section(text, report.STUDY_MARKERS, "Study", "body 1")

@@ -80,9 +80,22 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
             "best_vals": [r["final_val_loss"] for r in best], "all_vals": [r["final_val_loss"] for r in runs],
             "bytes": statistics.fmean(r["bytes_sent_per_worker"] for r in best) if best else None,
             "bits": statistics.fmean(r["bits_per_param_step"] for r in best) if best else None,
-            "done": len(runs), "planned": len(lr_grid(m)) * len(SEEDS),
+            "done": len(runs), "planned": len(lr_grid(m)) * len(SEEDS), "edge": grid_edge(m, runs, blr),
         })
     return rows
+
+
+def grid_edge(method: str, runs: list[dict], blr: float | None) -> str | None:
+    """"lowest" / "highest" when the best lr is at that end of the method's grid and a neighbour was run: the
+    optimum may lie beyond the grid (the plan does not extend grids by itself)."""
+    grid = sorted(lr_grid(method))
+    if blr is None or len({r["lr"] for r in runs}) < 2:
+        return None
+    if blr == grid[0]:
+        return "lowest"
+    if blr == grid[-1]:
+        return "highest"
+    return None
 
 
 def study_table(rows: list[dict]) -> str:
@@ -94,8 +107,9 @@ def study_table(rows: list[dict]) -> str:
             lines.append(f"| {r['method']} | — | not run yet | — | — | — | 0 / {r['planned']} |")
             continue
         spread = f"{_pm(r['all_vals'])} ({min(r['all_vals']):.4f} – {max(r['all_vals']):.4f})"
-        lines.append(f"| {r['method']} | {r['best_lr']:g} | {_pm(r['best_vals'])} | {spread} | {_gb(r['bytes'])} | "
-                     f"{r['bits']:.4g} | {r['done']} / {r['planned']} |")
+        edge = f" ({r['edge']} of the grid)" if r.get("edge") else ""
+        lines.append(f"| {r['method']} | {r['best_lr']:g}{edge} | {_pm(r['best_vals'])} | {spread} | "
+                     f"{_gb(r['bytes'])} | {r['bits']:.4g} | {r['done']} / {r['planned']} |")
     return "\n".join(lines)
 
 
@@ -324,6 +338,9 @@ def study_section(rows: list[dict], docs: pathlib.Path, wrote_plots: bool, slown
         "",
         study_table(rows),
         "",
+        *([f"A best lr marked lowest / highest of the grid ({', '.join(r['method'] for r in rows if r['edge'])}) "
+           "beat its neighbour inside the grid: the optimum may lie beyond it, and the plan does not extend grids by "
+           "itself.", ""] if any(r["edge"] for r in rows) else []),
         "Targets (issue 13), from the runs above:",
         *targets(rows),
         "",
