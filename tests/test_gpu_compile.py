@@ -203,7 +203,8 @@ def test_gpu_check_self_test_without_installation(tmp_path):
     sections = report["sections"]
     assert set(sections) == {"bandwidth", "topk", "dlion", "codecs"}
     assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
-    assert len(sections["bandwidth"]["rows"]) == 17 and sections["topk"]["exact_vs_reference"]
+    assert len(sections["bandwidth"]["rows"]) == 21 and sections["topk"]["exact_vs_reference"]
+    assert [(r["layout"], r["tensors"]) for r in sections["dlion"]["layouts"]] == [("separate", 147), ("flat", 147)]
     assert all(r["payload_equal_to_cpu"] and r["decode_equal_to_cpu"] for r in sections["codecs"]["rows"])
     assert "| kernel | ms | GB/s | of D2D copy |" in (tmp_path / "gpu_check.md").read_text()
 
