@@ -187,13 +187,11 @@ def _lion_run(device, aggregation: str, dtype, numel: int, steps: int = 3):
 
 def section_dlion(device, numel: int) -> dict:
     import torch
-    from _timing import sync, timeit
+    from bench_kernels import copy_bandwidth
 
     import distlion_ds
 
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() * 4 / timeit(lambda: dst.copy_(src), device)  # bytes read + written per second
+    _, copy_bw = copy_bandwidth(numel, device)  # bytes read + written per second
     rows, profiles = [], {}
     ok = True
     for aggregation in ("mavo", "avg"):
@@ -205,19 +203,11 @@ def section_dlion(device, numel: int) -> dict:
                         for a, b in zip(on_gpu, on_cpu, strict=True))
             ok &= equal
             # Step time on a 16 x numel/16-element model (grads fixed): what one D-Lion step costs on this GPU.
-            # Warm-up of 3 steps: Triton specialises integer arguments equal to 1, so step 1 and step 2 compile
-            # different variants (one warm-up step left a compilation inside the timed steps).
             params = [torch.nn.Parameter(torch.randn(numel // 16, device=device).to(dtype)) for _ in range(16)]
             for p in params:
                 p.grad = torch.randn_like(p)
             opt = distlion_ds.DistributedLion(params, lr=1e-4, aggregation=aggregation)
-            step_s = timeit(opt.step, device, warmup=3)  # median, synchronised after every step
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(20):  # back to back: the host launches ahead, so this is max(host, device) per step
-                opt.step()
-            sync(device)
-            pipelined_s = (time.perf_counter() - start) / 20
+            step_s, pipelined_s = _time_step(opt, device)
             size = torch.finfo(dtype).bits // 8
             nbytes = numel * (2 * size + 2 * size + 12)  # votes: g, m; apply: p, m, g in, p, m out (fp32 m)
             rows.append({"aggregation": aggregation, "dtype": str(dtype).removeprefix("torch."),
@@ -227,6 +217,21 @@ def section_dlion(device, numel: int) -> dict:
             profiles[f"{aggregation} {rows[-1]['dtype']}"] = _profile(opt.step, device)
             del params, opt
     return {"ok": ok, "rows": rows, "profiles": profiles, "layouts": _step_layouts(device, numel)}
+
+
+def _time_step(opt, device, reps: int = 20, warmup: int = 3, min_time: float = 0.3) -> tuple[float, float]:
+    """(median seconds per step, synchronised after each; seconds per step over ``reps`` back to back, where the
+    host launches ahead: max(host, device)). Warm-up of 3 steps: Triton specialises integer arguments equal to 1,
+    so step 1 and step 2 compile different variants."""
+    from _timing import sync, timeit
+
+    step_s = timeit(opt.step, device, min_time=min_time, warmup=warmup)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        opt.step()
+    sync(device)
+    return step_s, (time.perf_counter() - start) / reps
 
 
 def _gpt_like_shapes(numel: int) -> list[tuple[int, ...]]:
@@ -241,7 +246,6 @@ def _step_layouts(device, numel: int) -> list[dict]:
     against the same tensors as views of one flat buffer, gradients too (one launch per bucket run): how much of a
     step is host-side launching."""
     import torch
-    from _timing import sync, timeit
 
     import distlion_ds
 
@@ -265,14 +269,10 @@ def _step_layouts(device, numel: int) -> list[dict]:
                 off += n
         opt = distlion_ds.DistributedLion(params, lr=1e-4, aggregation="mavo")
         reps = 1 if SELF_TEST else 20  # the interpreted self-test proves the plumbing (~1 s a step there)
-        step_s = timeit(opt.step, device, warmup=1 if SELF_TEST else 3, min_time=0.0 if SELF_TEST else 0.3)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            opt.step()
-        sync(device)
+        step_s, pipelined_s = _time_step(opt, device, reps, warmup=1 if SELF_TEST else 3,
+                                         min_time=0.0 if SELF_TEST else 0.3)
         rows.append({"layout": layout, "tensors": len(shapes), "params": total, "step_ms": 1e3 * step_s,
-                     "pipelined_step_ms": 1e3 * (time.perf_counter() - start) / reps})
+                     "pipelined_step_ms": 1e3 * pipelined_s})
         del params, opt
     return rows
 
