@@ -47,7 +47,12 @@ def test_plan_order_and_counts():
     assert sorted(head[1:7]) == sorted([(m, lr) for m in ("local_dlion_H32", "diloco_fp32_H32") for lr in lr_grid(m)])
     assert head[7] == ("diloco_int8_H32", 0.4)
     assert [(r["method"], r["seed"]) for r in runs[8:10]] == [("local_dlion_H32", 1), ("diloco_fp32_H32", 1)]
-    rest = runs[:8] + runs[10:]
+    # The second target's sweeps (D-Lion MaVo, global Lion, AdamW; AdamW's middle is already in), then that trio
+    # again with seed 1 at its seed-0 best (the middle until results exist).
+    sweep = runs[10:18]
+    assert all(r["seed"] == 0 for r in sweep) and {r["method"] for r in sweep} == {"dlion_mavo", "lion", "adamw"}
+    assert [(r["method"], r["seed"]) for r in runs[18:21]] == [("dlion_mavo", 1), ("lion", 1), ("adamw", 1)]
+    rest = runs[:8] + runs[10:18] + runs[21:]
     assert all(r["seed"] == 0 for r in rest[:39]) and all(r["seed"] == 1 for r in rest[39:])
     assert all(r["wd"] == 0.1 for r in runs)  # the study's Lion-family weight decay is the demo sweep's 0.1
     assert len(plan.planned_runs("study", int4=True)) == 16 * 3 * 2

@@ -5,7 +5,7 @@
 
 Order (suite ``study``): AdamW at its middle lr, the whole seed-0 lr sweep of local D-Lion and DiLoCo-fp32 at
 H=32 (the first target), DiLoCo-int8 at H=32, that pair's seed-0 best again with seed 1, the sweeps of D-Lion MaVo,
-global Lion and AdamW (the second target), every other method's middle lr, their other lrs; then seed 1, each
+global Lion and AdamW (the second target) and that trio's seed-0 bests with seed 1, every other method's middle lr, their other lrs; then seed 1, each
 method's seed-0 best lr first.
 Suite ``demo``: the lr x weight-decay grid of
 ``common.DEMO_GRID`` at the demo's scale, seed 0. A run whose result file exists is skipped; a run that was paused
@@ -77,6 +77,7 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     add(["diloco_int8_H32"], slice(0, 1))
     add_seed1_best(["local_dlion_H32", "diloco_fp32_H32"])  # the first target's pair again, seed 1
     add(["dlion_mavo", "lion", "adamw"], slice(None))
+    add_seed1_best(["dlion_mavo", "lion", "adamw"])  # the second target decided with two seeds
     add(methods, slice(0, 1))
     add(methods, slice(None))
     # Seed 1: each method at its seed-0 best lr first, then the rest.
