@@ -242,18 +242,20 @@ def _gpt_like_shapes(numel: int) -> list[tuple[int, ...]]:
 
 
 def _step_layouts(device, numel: int) -> list[dict]:
-    """A bf16 MaVo step over a GPT-like list of 147 tensors: separately allocated (one launch per tensor and kernel)
+    """A bf16 MaVo step over a GPT-like list of 147 tensors: separately allocated, with the multi-tensor launches
+    (one launch per kind of tensor) and with one launch per tensor and kernel (``kernels.lion.MULTI_TENSOR`` off),
     against the same tensors as views of one flat buffer, gradients too (one launch per bucket run): how much of a
-    step is host-side launching."""
+    step is host-side launching, and what the multi-tensor launches win back."""
     import torch
 
     import distlion_ds
+    from distlion_ds.kernels import lion as lion_kernels
 
     shapes = _gpt_like_shapes(numel)
     total = sum(torch.Size(s).numel() for s in shapes)
     rows = []
-    for layout in ("separate", "flat"):
-        if layout == "separate":
+    for layout in ("separate, multi-tensor", "separate, per tensor", "flat"):
+        if layout.startswith("separate"):
             params = [torch.nn.Parameter(torch.randn(s, device=device).to(torch.bfloat16)) for s in shapes]
             for p in params:
                 p.grad = torch.randn_like(p)
@@ -269,8 +271,12 @@ def _step_layouts(device, numel: int) -> list[dict]:
                 off += n
         opt = distlion_ds.DistributedLion(params, lr=1e-4, aggregation="mavo")
         reps = 1 if SELF_TEST else 20  # the interpreted self-test proves the plumbing (~1 s a step there)
-        step_s, pipelined_s = _time_step(opt, device, reps, warmup=1 if SELF_TEST else 3,
-                                         min_time=0.0 if SELF_TEST else 0.3)
+        lion_kernels.MULTI_TENSOR = layout != "separate, per tensor"
+        try:
+            step_s, pipelined_s = _time_step(opt, device, reps, warmup=1 if SELF_TEST else 3,
+                                             min_time=0.0 if SELF_TEST else 0.3)
+        finally:
+            lion_kernels.MULTI_TENSOR = True
         rows.append({"layout": layout, "tensors": len(shapes), "params": total, "step_ms": 1e3 * step_s,
                      "pipelined_step_ms": 1e3 * pipelined_s})
         del params, opt
@@ -364,8 +370,8 @@ def render_markdown(result: dict) -> str:
                       f"{r['params']} | {r['step_ms']:.3f} | {r['pipelined_step_ms']:.3f} | {r['floor_ms']:.3f} | "
                       f"{r['floor_ms'] / r['pipelined_step_ms']:.2f} |" for r in s["rows"]]
             if s.get("layouts"):
-                lines += ["", "A bf16 MaVo step over a GPT-like list of tensors, separately allocated vs views of one "
-                          "flat buffer (gradients too):", "",
+                lines += ["", "A bf16 MaVo step over a GPT-like list of tensors, separately allocated (multi-tensor "
+                          "launches, or one launch per tensor) vs views of one flat buffer (gradients too):", "",
                           "| layout | tensors | params | step ms | back to back ms |", "|---|---:|---:|---:|---:|"]
                 lines += [f"| {r['layout']} | {r['tensors']} | {r['params']} | {r['step_ms']:.3f} | "
                           f"{r['pipelined_step_ms']:.3f} |" for r in s["layouts"]]

@@ -89,23 +89,72 @@ def aggregate_bits(aggregation: str, n_ranks: int) -> int:
 
 # --------------------------------------------------------------------------------------------- worker vote
 @triton.jit
-def _lion_votes_kernel(g_ptr, m_ptr, out_ptr, flag_ptr, n, n_bytes, a, b, step,
-                       HAS_GRAD: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+def _load(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _store(ptr, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
+def _votes_tile(g_ptr, m_ptr, out_ptr, flag_ptr, tile, n, n_bytes, a, b, step,
+                HAS_GRAD: tl.constexpr, MASKED: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    """Tile ``tile`` (int64) of one tensor's votes: pointers at the tensor's first element / byte. ``MASKED=False``
+    only for a tile wholly inside the tensor (unmasked accesses vectorise whatever ``n`` is)."""
+    byte = tile * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     bit_pos = tl.arange(0, 8)
     idx = byte[:, None] * 8 + bit_pos[None, :]
     mask = idx < n
-    m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+    m = _load(m_ptr + idx, mask, MASKED)
     if HAS_GRAD:
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        g = _load(g_ptr + idx, mask, MASKED).to(tl.float32)
         c = m * a + g * b
         bad = (g != g) | (tl.abs(g) == float("inf"))
         tl.atomic_max(flag_ptr, tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0))
     else:
         c = m * a
-    bits = _vote_bits(c, idx, step) & mask
-    tl.store(out_ptr + byte, _pack_bits(bits, bit_pos), mask=byte < n_bytes)
+    bits = _vote_bits(c, idx, step)
+    if MASKED:
+        bits = bits & mask
+    _store(out_ptr + byte, _pack_bits(bits, bit_pos), byte < n_bytes, MASKED)
+
+
+@triton.jit
+def _lion_votes_kernel(g_ptr, m_ptr, out_ptr, flag_ptr, n, n_bytes, a, b, step,
+                       HAS_GRAD: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    _votes_tile(g_ptr, m_ptr, out_ptr, flag_ptr, tl.program_id(0).to(tl.int64), n, n_bytes, a, b, step,
+                HAS_GRAD, True, BLOCK_BYTES)
+
+
+@triton.jit
+def _lion_votes_multi_kernel(g_base, g_deltas, tiles_ptr, spans_ptr, m_ptr, out_ptr, flag_ptr, a, b, step,
+                             HAS_GRAD: tl.constexpr, DELTA_MULTIPLE: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    # One program per tile of one tensor (tiles_ptr: [tiles, 2] int64 of (tensor, tile within it)); the tensor's
+    # bucket offset and numel from spans_ptr ([tensors, 2] int64); its gradient at g_base + g_deltas[tensor]
+    # elements. Offsets from a pointer argument (rather than raw addresses cast to pointers) keep the alignment
+    # the compiler needs to vectorise: a multiple of DELTA_MULTIPLE elements from a 16-byte aligned base.
+    pid = tl.program_id(0).to(tl.int64)
+    ti = tl.load(tiles_ptr + 2 * pid)
+    tile = tl.load(tiles_ptr + 2 * pid + 1)
+    off = tl.multiple_of(tl.load(spans_ptr + 2 * ti), 8)  # the optimizer's 8-element alignment
+    n = tl.load(spans_ptr + 2 * ti + 1)
+    g_ptr = g_base
+    if HAS_GRAD:
+        g_ptr = g_base + tl.multiple_of(tl.load(g_deltas + ti), DELTA_MULTIPLE)
+    if (tile + 1) * (BLOCK_BYTES * 8) <= n:
+        _votes_tile(g_ptr, m_ptr + off, out_ptr + off // 8, flag_ptr, tile, n, (n + 7) // 8, a, b, step,
+                    HAS_GRAD, False, BLOCK_BYTES)
+    else:
+        _votes_tile(g_ptr, m_ptr + off, out_ptr + off // 8, flag_ptr, tile, n, (n + 7) // 8, a, b, step,
+                    HAS_GRAD, True, BLOCK_BYTES)
 
 
 def lion_votes_ref(grad: torch.Tensor | None, exp_avg: torch.Tensor, beta1: float, step: int,
@@ -367,15 +416,16 @@ def vote_count(recv: torch.Tensor, n_ranks: int, aggregation: str, step: int, el
 # N is a compile-time constant as in vote_count: a runtime int argument equal to 1 would become a constexpr in a
 # real launch anyway (and a constexpr has no ``.to``: the Avg path failed to compile at N = 1 that way). The seed is
 # not specialised: a seed of 1 would otherwise compile a kernel of its own.
-@triton.jit(do_not_specialize=["seed"])
-def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, decay, lr, c2, d2, seed, elem_offset,
-                       N_RANKS: tl.constexpr, HAS_GRAD: tl.constexpr, AVG: tl.constexpr, NBITS: tl.constexpr,
-                       STOCHASTIC: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+@triton.jit
+def _apply_tile(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, tile, n, decay, lr, c2, d2, seed, elem_offset,
+                N_RANKS: tl.constexpr, HAS_GRAD: tl.constexpr, AVG: tl.constexpr, NBITS: tl.constexpr,
+                STOCHASTIC: tl.constexpr, MASKED: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    """Tile ``tile`` (int64) of one tensor's apply: pointers at the tensor's first element / aggregate byte.
+    ``MASKED=False`` only for a tile wholly inside the tensor."""
     # A 64-bit scalar base per program and 32-bit offsets inside the tile: with 64-bit offset tensors the 16-bit
     # parameter paths on unaligned slices (scalar loads, one address per element) spilled at 128 registers on
     # Triton 3.6 (ptxas -v, sm_80 and sm_90).
-    pid = tl.program_id(0).to(tl.int64)
-    base = pid * (BLOCK_BYTES * 8)
+    base = tile * (BLOCK_BYTES * 8)
     lbyte = tl.arange(0, BLOCK_BYTES)
     bit_pos = tl.arange(0, 8)
     local = lbyte[:, None] * 8 + bit_pos[None, :]
@@ -384,33 +434,67 @@ def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, decay, lr, c
     bmask = lbyte * 8 < rem
     if AVG:
         q = tl.zeros((BLOCK_BYTES, 8), dtype=tl.int32)
-        plane_ptr = agg_ptr + pid * BLOCK_BYTES + lbyte  # plane k at k * agg_stride: added, never a 32-bit product
+        plane_ptr = agg_ptr + tile * BLOCK_BYTES + lbyte  # plane k at k * agg_stride: added, never a 32-bit product
         for k in tl.static_range(NBITS):
-            plane = tl.load(plane_ptr, mask=bmask, other=0).to(tl.int32)
+            plane = _load(plane_ptr, bmask, MASKED).to(tl.int32)
             q += ((plane[:, None] >> bit_pos[None, :]) & 1) << k
             plane_ptr += agg_stride
         # IEEE division, as the reference's table: `/` would be div.full.f32 (2 ulp) on the GPU.
         delta = tl.math.div_rn((2 * q - N_RANKS).to(tl.float32), tl.full((BLOCK_BYTES, 8), N_RANKS, tl.float32))
     else:
-        plane = tl.load(agg_ptr + pid * BLOCK_BYTES + lbyte, mask=bmask, other=0).to(tl.int32)
+        plane = _load(agg_ptr + tile * BLOCK_BYTES + lbyte, bmask, MASKED).to(tl.int32)
         delta = (2 * ((plane[:, None] >> bit_pos[None, :]) & 1) - 1).to(tl.float32)
     p_ptr += base
-    p = tl.load(p_ptr + local, mask=mask, other=0.0)
+    p = _load(p_ptr + local, mask, MASKED)
     p_new = p.to(tl.float32) * decay - delta * lr
     if STOCHASTIC:  # bf16 only (the launcher checks): 16 random bits per element from (seed, elem_offset + idx)
         hidx = (base + elem_offset).to(tl.uint32) + local.to(tl.uint32)  # (elem_offset + idx) mod 2**32
         rand16 = _hash32(hidx, seed.to(tl.uint32)) >> 16
-        tl.store(p_ptr + local, _cast_bf16_stochastic(p_new, rand16), mask=mask)
+        _store(p_ptr + local, _cast_bf16_stochastic(p_new, rand16), mask, MASKED)
     else:
-        tl.store(p_ptr + local, _cast_rne(p_new, p.dtype), mask=mask)
+        _store(p_ptr + local, _cast_rne(p_new, p.dtype), mask, MASKED)
     m_ptr += base
-    m = tl.load(m_ptr + local, mask=mask, other=0.0)
+    m = _load(m_ptr + local, mask, MASKED)
     if HAS_GRAD:
-        g = tl.load(g_ptr + base + local, mask=mask, other=0.0).to(tl.float32)
+        g = _load(g_ptr + base + local, mask, MASKED).to(tl.float32)
         m = m * c2 + g * d2
     else:
         m = m * c2
-    tl.store(m_ptr + local, m, mask=mask)
+    _store(m_ptr + local, m, mask, MASKED)
+
+
+# N is a compile-time constant as in vote_count: a runtime int argument equal to 1 would become a constexpr in a
+# real launch anyway (and a constexpr has no ``.to``: the Avg path failed to compile at N = 1 that way). The seed is
+# not specialised: a seed of 1 would otherwise compile a kernel of its own.
+@triton.jit(do_not_specialize=["seed"])
+def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, decay, lr, c2, d2, seed, elem_offset,
+                       N_RANKS: tl.constexpr, HAS_GRAD: tl.constexpr, AVG: tl.constexpr, NBITS: tl.constexpr,
+                       STOCHASTIC: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    _apply_tile(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, tl.program_id(0).to(tl.int64), n, decay, lr, c2, d2, seed,
+                elem_offset, N_RANKS, HAS_GRAD, AVG, NBITS, STOCHASTIC, True, BLOCK_BYTES)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lion_apply_multi_kernel(p_base, p_deltas, g_base, g_deltas, tiles_ptr, spans_ptr, m_ptr, agg_ptr, agg_stride,
+                             decay, lr, c2, d2, seed, N_RANKS: tl.constexpr, HAS_GRAD: tl.constexpr,
+                             AVG: tl.constexpr, NBITS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                             DELTA_MULTIPLE: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    # The tables as in _lion_votes_multi_kernel; a tensor's bucket offset is also its stochastic-rounding offset.
+    pid = tl.program_id(0).to(tl.int64)
+    ti = tl.load(tiles_ptr + 2 * pid)
+    tile = tl.load(tiles_ptr + 2 * pid + 1)
+    off = tl.multiple_of(tl.load(spans_ptr + 2 * ti), 8)
+    n = tl.load(spans_ptr + 2 * ti + 1)
+    p_ptr = p_base + tl.multiple_of(tl.load(p_deltas + ti), DELTA_MULTIPLE)
+    g_ptr = g_base
+    if HAS_GRAD:
+        g_ptr = g_base + tl.multiple_of(tl.load(g_deltas + ti), DELTA_MULTIPLE)
+    if (tile + 1) * (BLOCK_BYTES * 8) <= n:
+        _apply_tile(p_ptr, m_ptr + off, g_ptr, agg_ptr + off // 8, agg_stride, tile, n, decay, lr, c2, d2, seed, off,
+                    N_RANKS, HAS_GRAD, AVG, NBITS, STOCHASTIC, False, BLOCK_BYTES)
+    else:
+        _apply_tile(p_ptr, m_ptr + off, g_ptr, agg_ptr + off // 8, agg_stride, tile, n, decay, lr, c2, d2, seed, off,
+                    N_RANKS, HAS_GRAD, AVG, NBITS, STOCHASTIC, True, BLOCK_BYTES)
 
 
 def _lr_delta_table_ref(n_ranks: int, aggregation: str, lr: float, device) -> torch.Tensor:
@@ -508,6 +592,8 @@ def lion_apply(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | 
                          f"got {agg.dtype} {tuple(agg.shape)}")
     if grad is not None:
         check_float("grad", grad)
+        if grad.numel() != n:
+            raise ValueError(f"grad has {grad.numel()} elements, param {n}")
     stochastic = _check_rounding(param, rounding_seed, elem_offset)
     if not use_triton(param, exp_avg, grad, agg):
         return lion_apply_ref(param, exp_avg, grad, agg, n_ranks, lr, weight_decay, beta2, aggregation,
@@ -526,4 +612,200 @@ def lion_apply(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | 
            STOCHASTIC=stochastic, BLOCK_BYTES=_BLOCK_BYTES, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
     if target is not data:
         data.copy_(target)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- multi-tensor
+# The optimizer's step over a bucket of T separately allocated tensors is 2T launches (votes, apply); at ~5-10 us
+# of host time per Triton launch a GPT's ~150 tensors keep the GPU waiting (benchmarks/RESULTS.md, "First GPU
+# run": 0.45 ms of GPU time in a 1.5 ms step). The multi-tensor launchers run one program per tile of any tensor
+# of a bucket, in one launch per kind of tensor (dtypes, gradient or not, 16-byte aligned or not): the tensors'
+# addresses go to the device as a table of int64 (cached: the allocator hands the same gradient addresses out
+# step after step, so steady state uploads nothing); each tensor's momentum, votes and aggregate sit at its offset
+# in the bucket's flat buffers. Same tile code as the single-tensor kernels, hence the same bits; the references
+# are the single-tensor references over each tensor's slices.
+MULTI_TENSOR = True  # False: the multi-tensor launchers launch once per tensor (benchmarks/gpu_check.py compares)
+_TABLE_CACHE: dict = {}
+_TABLE_CACHE_SIZE = 256
+
+
+def _cached(key, build):
+    value = _TABLE_CACHE.get(key)
+    if value is None:
+        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.clear()
+        value = _TABLE_CACHE[key] = build()
+    return value
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":  # pinned + non_blocking: no host sync (the host allocator keeps it alive)
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _tile_tables(device: torch.device, numels: tuple[int, ...], offsets: tuple[int, ...]):
+    """(tiles ``[n_tiles, 2]``: (tensor, tile within it), spans ``[tensors, 2]``: (bucket offset, numel)), cached."""
+    def build():
+        tiles = []
+        for i, n in enumerate(numels):
+            tiles.extend(v for t in range(triton.cdiv(triton.cdiv(n, 8), _BLOCK_BYTES)) for v in (i, t))
+        spans = [v for off, n in zip(offsets, numels, strict=True) for v in (off, n)]
+        return _to_device(tiles, device).view(-1, 2), _to_device(spans, device).view(-1, 2)
+    return _cached(("tiles", device, numels, offsets), build)
+
+
+def _deltas(device: torch.device, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's offset in elements from the first one's address (the caller groups tensors whose addresses
+    differ by whole elements), as a device table, cached by the addresses."""
+    addrs = tuple(t.data_ptr() for t in tensors)
+    size = tensors[0].element_size()
+    return _cached(("deltas", device, size, addrs), lambda: _to_device([(a - addrs[0]) // size for a in addrs],
+                                                                       device))
+
+
+def _address_key(t: torch.Tensor | None) -> tuple:
+    """(16-byte aligned, address modulo the element size): tensors launched together agree on both."""
+    if t is None:
+        return (True, 0)
+    return (t.data_ptr() % 16 == 0, t.data_ptr() % t.element_size())
+
+
+def _check_multi(what: str, numels: list[int], offsets: list[int], exp_avg: torch.Tensor) -> None:
+    if len(numels) != len(offsets):
+        raise ValueError(f"{what}: {len(numels)} tensors but {len(offsets)} offsets")
+    if exp_avg.dtype != torch.float32 or exp_avg.dim() != 1 or not exp_avg.is_contiguous():
+        raise ValueError(f"{what}: exp_avg must be the bucket's flat contiguous float32 momentum")
+    for n, off in zip(numels, offsets, strict=True):
+        if off % 8 or off < 0 or off + n > exp_avg.numel():
+            raise ValueError(f"{what}: offset {off} (numel {n}) must be a multiple of 8 inside the bucket's "
+                             f"{exp_avg.numel()} elements")
+
+
+def _kinds(keys: list[tuple]) -> dict[tuple, list[int]]:
+    """Indices of the tensors per launch kind, in order of first appearance."""
+    kinds: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        kinds.setdefault(key, []).append(i)
+    return kinds
+
+
+def lion_votes_multi(grads: list[torch.Tensor | None], numels: list[int], offsets: list[int], exp_avg: torch.Tensor,
+                     beta1: float, step: int, out: torch.Tensor, nonfinite: torch.Tensor | None = None):
+    """:func:`lion_votes` of several tensors of one bucket, one launch per kind of tensor (same bits).
+
+    Args:
+        grads: each tensor's gradient (None for zeros); ``numels``: their element counts.
+        offsets: each tensor's element offset in the bucket (a multiple of 8): its momentum is
+            ``exp_avg[off:off + n]``, its votes ``out[off // 8:]``.
+        exp_avg: the bucket's flat fp32 momentum. out: the bucket's packed votes (uint8). nonfinite: as lion_votes.
+    """
+    _check_multi("lion_votes_multi", numels, offsets, exp_avg)
+    if len(grads) != len(numels):
+        raise ValueError(f"lion_votes_multi: {len(grads)} gradients but {len(numels)} numels")
+    if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() * 8 < exp_avg.numel():
+        raise ValueError("lion_votes_multi: out must be the bucket's contiguous uint8 votes")
+
+    def one(i):
+        n, off = numels[i], offsets[i]
+        lion_votes(grads[i], exp_avg[off: off + n], beta1, step, out=out[off // 8: off // 8 + -(-n // 8)],
+                   nonfinite=nonfinite)
+
+    if not use_triton(exp_avg, out, *grads) or not MULTI_TENSOR:
+        for i in range(len(grads)):
+            one(i)
+        return out, nonfinite
+    keys = []
+    for g, n in zip(grads, numels, strict=True):
+        if g is not None:
+            check_float("grad", g)
+            if g.numel() != n:
+                raise ValueError(f"lion_votes_multi: a gradient has {g.numel()} elements, its numel says {n}")
+        keys.append(None if n == 0 or (g is not None and not g.is_contiguous())
+                    else (g.dtype if g is not None else None, *_address_key(g)))
+    flag = nonfinite if nonfinite is not None else torch.zeros(1, dtype=torch.int32, device=exp_avg.device)
+    for key, idx in _kinds(keys).items():
+        if key is None or len(idx) == 1:
+            for i in idx:
+                one(i)
+            continue
+        g_dtype, aligned, _ = key
+        tiles, spans = _tile_tables(exp_avg.device, tuple(numels[i] for i in idx), tuple(offsets[i] for i in idx))
+        group = [grads[i] for i in idx]
+        g_base, g_deltas = (group[0], _deltas(exp_avg.device, group)) if g_dtype is not None else (exp_avg, spans)
+        launch(_lion_votes_multi_kernel, (tiles.shape[0],), g_base, g_deltas, tiles, spans, exp_avg, out, flag,
+               f32(beta1), f32(1.0 - beta1), step, HAS_GRAD=g_dtype is not None,
+               DELTA_MULTIPLE=16 // g_base.element_size() if aligned else 1, BLOCK_BYTES=_BLOCK_BYTES,
+               num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
+    return out, nonfinite
+
+
+def lion_apply_multi(params: list[torch.Tensor], grads: list[torch.Tensor | None], offsets: list[int],
+                     exp_avg: torch.Tensor, agg: torch.Tensor, n_ranks: int, lr: float, weight_decay: float,
+                     beta2: float, aggregation: str, *, rounding_seed: int | None = None) -> None:
+    """:func:`lion_apply` of several tensors of one bucket (one param group), one launch per kind (same bits).
+
+    Args:
+        params, grads: the tensors and their gradients (None for zeros).
+        offsets: each tensor's element offset in the bucket (a multiple of 8): its momentum is
+            ``exp_avg[off:off + n]``, its aggregate ``agg[:, off // 8:]``; also its ``elem_offset`` for
+            stochastic rounding.
+        exp_avg: the bucket's flat fp32 momentum. agg: the bucket's aggregate ``[nbits, bucket_bytes]``.
+        The rest as :func:`lion_apply`.
+    """
+    numels = [p.numel() for p in params]
+    _check_multi("lion_apply_multi", numels, offsets, exp_avg)
+    nbits = aggregate_bits(aggregation, n_ranks)
+    if len(grads) != len(params):
+        raise ValueError(f"lion_apply_multi: {len(grads)} gradients for {len(params)} params")
+    if agg.dtype != torch.uint8 or agg.dim() != 2 or agg.shape[0] != nbits or agg.stride(1) != 1 \
+            or agg.shape[1] * 8 < exp_avg.numel():
+        raise ValueError(f"lion_apply_multi: agg must be uint8 [{nbits}, bucket bytes] with contiguous rows; "
+                         f"got {agg.dtype} {tuple(agg.shape)}")
+
+    def one(i):
+        n, off = numels[i], offsets[i]
+        lion_apply(params[i], exp_avg[off: off + n], grads[i], agg[:, off // 8: off // 8 + -(-n // 8)], n_ranks, lr,
+                   weight_decay, beta2, aggregation, rounding_seed=rounding_seed, elem_offset=off)
+
+    if not use_triton(exp_avg, agg, *params, *grads) or not MULTI_TENSOR:
+        for i in range(len(params)):
+            one(i)
+        return None
+    keys = []
+    for p, g in zip(params, grads, strict=True):
+        check_float("param", p)
+        if g is not None:
+            check_float("grad", g)
+            if g.numel() != p.numel():
+                raise ValueError(f"lion_apply_multi: a gradient has {g.numel()} elements, its param {p.numel()}")
+        stochastic = _check_rounding(p, rounding_seed, 0)
+        contiguous = p.is_contiguous() and (g is None or g.is_contiguous())
+        p_aligned, p_rest = _address_key(p)
+        g_aligned, g_rest = _address_key(g)
+        keys.append(None if p.numel() == 0 or not contiguous
+                    else (p.dtype, g.dtype if g is not None else None, stochastic, p_aligned and g_aligned, p_rest,
+                          g_rest))
+    for key, idx in _kinds(keys).items():
+        if key is None or len(idx) == 1:
+            for i in idx:
+                one(i)
+            continue
+        g_dtype, stochastic, aligned = key[1], key[2], key[3]
+        tiles, spans = _tile_tables(exp_avg.device, tuple(numels[i] for i in idx), tuple(offsets[i] for i in idx))
+        group_p = [params[i].detach() for i in idx]
+        p_deltas = _deltas(exp_avg.device, group_p)
+        if g_dtype is not None:
+            group_g = [grads[i] for i in idx]
+            g_base, g_deltas = group_g[0], _deltas(exp_avg.device, group_g)
+        else:
+            g_base, g_deltas = exp_avg, p_deltas
+        # 16 bytes in elements of the wider of the two dtypes (a weaker but true hint for the narrower one)
+        multiple = 16 // max(group_p[0].element_size(), g_base.element_size()) if aligned else 1
+        launch(_lion_apply_multi_kernel, (tiles.shape[0],), group_p[0], p_deltas, g_base, g_deltas, tiles, spans,
+               exp_avg, agg, agg.stride(0), f32(1.0 - lr * weight_decay), f32(lr), f32(beta2), f32(1.0 - beta2),
+               rounding_seed if stochastic else 0, N_RANKS=n_ranks if aggregation == "avg" else 0,
+               HAS_GRAD=g_dtype is not None, AVG=aggregation == "avg", NBITS=nbits, STOCHASTIC=stochastic,
+               DELTA_MULTIPLE=multiple, BLOCK_BYTES=_BLOCK_BYTES, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
     return None

@@ -162,6 +162,47 @@ def kernel_cases():
     add(("lion_apply mavo n=1", lambda: K.lion_apply(meta(1), meta(1), meta(1), _agg(1, 1), 2, 1e-4, 0.0, 0.99,
                                                      "mavo")))
 
+    # Multi-tensor launches over a bucket: three tensors per kind (aligned, unaligned, no gradient).
+    def bucket(sizes):
+        offsets, off = [], 0
+        for n in sizes:
+            offsets.append(off)
+            off += -(-n // 8) * 8
+        return offsets, off
+
+    sizes = [8192, 1001, 16]
+    offsets, total = bucket(sizes)
+    for dt in DTYPES:
+        d = str(dt).removeprefix("torch.")
+        for unaligned in (False, True):
+            add((f"lion_votes_multi grad={d}{' unaligned' if unaligned else ''}", lambda dt=dt, u=unaligned:
+                 K.lion_votes_multi([meta(n, dt, int(u)) for n in sizes], sizes, offsets, meta(total), 0.9, 2,
+                                    meta(total // 8, torch.uint8, 3),
+                                    nonfinite=torch.zeros(1, dtype=torch.int32, device="meta"))))
+    add(("lion_votes_multi grad=None step=1", lambda: K.lion_votes_multi(
+        [None] * 3, sizes, offsets, meta(total), 0.9, 1, meta(total // 8, torch.uint8))))
+    for n_ranks in (1, 3, 64):
+        for agg in ("mavo", "avg"):
+            nbits = K.lion.aggregate_bits(agg, n_ranks)
+            for dt in DTYPES:
+                d = str(dt).removeprefix("torch.")
+
+                def apply_multi(n_ranks=n_ranks, agg=agg, nbits=nbits, dt=dt, offset=0, grad=True, **kw):
+                    params = [meta(n, dt, offset) for n in sizes]
+                    grads = [meta(n, dt, offset) if grad else None for n in sizes]
+                    return K.lion_apply_multi(params, grads, offsets, meta(total), _agg(nbits, total // 8, 3),
+                                              n_ranks, 1e-4, 0.1, 0.99, agg, **kw)
+
+                add((f"lion_apply_multi {agg} N={n_ranks} {d}", apply_multi))
+                if n_ranks == 3:
+                    add((f"lion_apply_multi {agg} N={n_ranks} {d} unaligned",
+                         lambda apply_multi=apply_multi: apply_multi(offset=1)))
+                    add((f"lion_apply_multi {agg} N={n_ranks} {d} grad=None",
+                         lambda apply_multi=apply_multi: apply_multi(grad=False)))
+                if dt == torch.bfloat16 and n_ranks in (1, 3):
+                    add((f"lion_apply_multi {agg} N={n_ranks} bf16 stochastic seed=1",
+                         lambda apply_multi=apply_multi: apply_multi(rounding_seed=1)))
+
     for bits in (2, 4, 8):
         for dt in DTYPES:
             d = str(dt).removeprefix("torch.")
@@ -239,6 +280,8 @@ def integration_cases():
 # ------------------------------------------------------------------------------------------------- PTX checks
 _DIV_APPROX = re.compile(r"\bdiv\.(full|approx)\.f32")
 _FMA = re.compile(r"\bfma\.rn[a-z.]*\.f(16|32)")
+_LD_V4 = re.compile(r"\bld\.global(\.\w+)*\.v4\.b32")  # 16-byte vector loads / stores
+_ST_V4 = re.compile(r"\bst\.global(\.\w+)*\.v4\.b32")
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _TARGET = re.compile(r"^\.target\s+(\S+)", re.M)
@@ -307,7 +350,9 @@ def run(arch: int, group: str, only: str | None = None) -> dict:
                 ptx = k.asm["ptx"]
                 info = {"kernel": kname, "cases": [name], "num_warps": k.metadata.num_warps,
                         "div_approx": len(_DIV_APPROX.findall(ptx)), "fma": len(_FMA.findall(ptx)),
-                        "div_rn": len(re.findall(r"\bdiv\.rn\.f32", ptx)), **ptxas_info(ptx, arch)}
+                        "div_rn": len(re.findall(r"\bdiv\.rn\.f32", ptx)),
+                        "ld_v4": len(_LD_V4.findall(ptx)), "st_v4": len(_ST_V4.findall(ptx)),
+                        **ptxas_info(ptx, arch)}
                 seen[key] = info
                 kernels.append(info)
             if not compiled:

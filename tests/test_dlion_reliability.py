@@ -64,8 +64,8 @@ def _check_frozen_and_added(rank, world):
 
 
 def _check_flat_buffer_runs(rank, world, monkeypatch_calls):
-    """Parameters that are views of one flat buffer (as megatron-core's DDP keeps them) are voted and applied in one
-    launch per run, with the same bits as separate parameters."""
+    """Parameters that are views of one flat buffer (as megatron-core's DDP keeps them) are voted and applied as one
+    tensor per run, with the same bits as separate parameters (which go to the same multi-tensor calls)."""
     sizes = [64, 40, 24, 13]  # the last is not a multiple of 8: it still joins the run as its tail
     for aggregation in ("mavo", "avg"):
         flat = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(1))
@@ -88,8 +88,10 @@ def _check_flat_buffer_runs(rank, world, monkeypatch_calls):
                 p.grad = v.grad.clone()
             monkeypatch_calls.clear()
             opt_v.step()
-            assert monkeypatch_calls == ["votes", "apply"], monkeypatch_calls
+            assert monkeypatch_calls == [("votes", 1), ("apply", 1)], monkeypatch_calls  # the run as one tensor
+            monkeypatch_calls.clear()
             opt_s.step()
+            assert monkeypatch_calls == [("votes", 4), ("apply", 4)], monkeypatch_calls  # one multi-tensor call
             for a, b in zip(views, separate, strict=True):
                 torch.testing.assert_close(a.detach(), b.detach(), atol=0, rtol=0)
                 torch.testing.assert_close(opt_v.state[a]["exp_avg"], opt_s.state[b]["exp_avg"], atol=0, rtol=0)
@@ -160,19 +162,19 @@ def _check_disagreement(rank, world):
 
 def _worker(rank, world):
     calls: list[str] = []
-    real_votes, real_apply = dl.lion_votes, dl.lion_apply
+    real_votes, real_apply = dl.lion_votes_multi, dl.lion_apply_multi
 
-    def votes(*a, **k):
-        calls.append("votes")
-        return real_votes(*a, **k)
+    def votes(grads, *a, **k):  # the number of tensors (runs or parameters) in the call
+        calls.append(("votes", len(grads)))
+        return real_votes(grads, *a, **k)
 
-    def apply(*a, **k):
-        calls.append("apply")
-        return real_apply(*a, **k)
+    def apply(params, *a, **k):
+        calls.append(("apply", len(params)))
+        return real_apply(params, *a, **k)
 
-    dl.lion_votes, dl.lion_apply = votes, apply
+    dl.lion_votes_multi, dl.lion_apply_multi = votes, apply
     _check_flat_buffer_runs(rank, world, calls)
-    dl.lion_votes, dl.lion_apply = real_votes, real_apply
+    dl.lion_votes_multi, dl.lion_apply_multi = real_votes, real_apply
     _check_frozen_and_added(rank, world)
     _check_nonfinite_in_any_bucket(rank, world)
     _check_disagreement(rank, world)

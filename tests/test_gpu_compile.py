@@ -92,7 +92,8 @@ def test_every_launcher_path_compiles(compiled):
     assert not failures, "\n\n".join(failures)
     names = {k["kernel"] for res in compiled.values() for k in res["kernels"]}
     assert names >= {"_pack_signs_kernel", "_unpack_signs_kernel", "_lion_votes_kernel", "_vote_count_kernel",
-                     "_lion_apply_kernel", "_quantize_kernel", "_dequantize_kernel", "_radix_hist_kernel",
+                     "_lion_apply_kernel", "_lion_votes_multi_kernel", "_lion_apply_multi_kernel", "_quantize_kernel",
+                     "_dequantize_kernel", "_radix_hist_kernel",
                      "_radix_pick_kernel", "_count_kernel", "_write_kernel", "_scatter_kernel"}, names
 
 
@@ -102,8 +103,10 @@ def test_optimizer_step_and_codecs_compile(compiled):
     assert not failures, "\n\n".join(failures)
     cases = [c for res in compiled.values() for c in res["cases"] if c["group"] == "integration"]
     steps = [c for c in cases if c["case"].startswith("DistributedLion")]
-    assert steps and all({"_lion_votes_kernel", "_vote_count_kernel", "_lion_apply_kernel"} <= set(c["kernels"])
-                          for c in steps), [(c["case"], c["kernels"]) for c in steps]
+    # Three parameters with gradients go through the multi-tensor kernels, the one without through the single ones.
+    want = {"_lion_votes_multi_kernel", "_lion_votes_kernel", "_vote_count_kernel", "_lion_apply_multi_kernel",
+            "_lion_apply_kernel"}
+    assert steps and all(want <= set(c["kernels"]) for c in steps), [(c["case"], c["kernels"]) for c in steps]
 
 
 def test_ptx_keeps_the_gpu_bits_policy(compiled):
@@ -116,6 +119,19 @@ def test_ptx_keeps_the_gpu_bits_policy(compiled):
         avg = [k for k in res["kernels"] if k["kernel"] == "_lion_apply_kernel" and "avg" in k["cases"][0]]
         assert avg and all(k["div_rn"] > 0 for k in avg)
         assert all(k["div_rn"] > 0 for k in res["kernels"] if k["kernel"] == "_quantize_kernel")
+
+
+def test_multi_tensor_kernels_vectorise_like_the_single_ones(compiled):
+    """The multi-tensor kernels' full tiles load and store 16 bytes per access as the single-tensor kernels do,
+    whatever the tensors' sizes (their addresses reach the compiler as offsets from an aligned pointer argument)."""
+    for arch, res in compiled.items():
+        by_case = {case: k for k in res["kernels"] for case in k["cases"]}
+        pairs = [(f"lion_votes_multi grad={d}", f"lion_votes grad={d}") for d in ("float32", "bfloat16", "float16")]
+        pairs += [(f"lion_apply_multi {a} N=1 {d}", f"lion_apply {a} N=1 {d}") for a in ("mavo", "avg")
+                  for d in ("float32", "bfloat16", "float16")]
+        for multi, single in pairs:
+            m, s = by_case[multi], by_case[single]
+            assert s["ld_v4"] > 0 and (m["ld_v4"], m["st_v4"]) == (s["ld_v4"], s["st_v4"]), (arch, multi, m, s)
 
 
 def test_no_kernel_spills(compiled):
@@ -204,7 +220,8 @@ def test_gpu_check_self_test_without_installation(tmp_path):
     assert set(sections) == {"bandwidth", "topk", "dlion", "codecs"}
     assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     assert len(sections["bandwidth"]["rows"]) == 21 and sections["topk"]["exact_vs_reference"]
-    assert [(r["layout"], r["tensors"]) for r in sections["dlion"]["layouts"]] == [("separate", 147), ("flat", 147)]
+    assert [(r["layout"], r["tensors"]) for r in sections["dlion"]["layouts"]] == [
+        ("separate, multi-tensor", 147), ("separate, per tensor", 147), ("flat", 147)]
     assert all(r["payload_equal_to_cpu"] and r["decode_equal_to_cpu"] for r in sections["codecs"]["rows"])
     assert "| kernel | ms | GB/s | of D2D copy |" in (tmp_path / "gpu_check.md").read_text()
 

@@ -102,6 +102,45 @@ def test_vote_count_and_apply_on_gpu(n_ranks, aggregation):
                 assert_same(mk.cpu(), mr)
 
 
+@pytest.mark.parametrize("aggregation,n_ranks", [("mavo", 4), ("avg", 3)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multi_tensor_votes_and_apply_on_gpu(dtype, aggregation, n_ranks):
+    """One launch per kind over a bucket of separately allocated tensors (full tiles unmasked and vectorised,
+    ragged tails, one unaligned tensor, one without a gradient) == the CPU references per tensor."""
+    sizes = [3 * 8192 * 8 + 1001, 8192 * 8, 1001, 13, 8, 0, 8192 * 8 + 5]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // 8) * 8
+    params = [_data(n, dtype, 40 + i, specials=False) for i, n in enumerate(sizes)]
+    grads = [_data(n, dtype, 50 + i, specials=False) for i, n in enumerate(sizes)]
+    grads[3] = None
+    m0 = _data(total, torch.float32, 60, specials=False)
+    g = torch.Generator().manual_seed(n_ranks)
+    agg = torch.randint(0, 256, (lion.aggregate_bits(aggregation, n_ranks), total // 8), dtype=torch.uint8,
+                        generator=g)  # Avg at N = 3: two planes, every count 0-3 valid
+    grads_gpu = [_cuda_slice(gr, 1 if i == 2 else 0) if gr is not None else None for i, gr in enumerate(grads)]
+    for step in (1, 2):
+        out = torch.zeros(total // 8, dtype=torch.uint8, device="cuda")
+        lion.lion_votes_multi(grads_gpu, sizes, offsets, m0.cuda(), 0.9, step, out)
+        want = torch.zeros(total // 8, dtype=torch.uint8)
+        for gr, n, off in zip(grads, sizes, offsets, strict=True):
+            lion.lion_votes_ref(gr, m0[off: off + n], 0.9, step, out=want[off // 8: off // 8 + -(-n // 8)])
+        assert_same(out.cpu(), want)
+    for rounding_seed in ([None, 7] if dtype == torch.bfloat16 else [None]):
+        pk, mk = [_cuda_slice(p, 1 if i == 2 else 0) for i, p in enumerate(params)], m0.cuda()
+        lion.lion_apply_multi(pk, grads_gpu, offsets, mk, agg.cuda(), n_ranks, 3e-3, 0.1, 0.99, aggregation,
+                              rounding_seed=rounding_seed)
+        pr, mr = [p.clone() for p in params], m0.clone()
+        for p, gr, off in zip(pr, grads, offsets, strict=True):
+            n = p.numel()
+            lion.lion_apply_ref(p, mr[off: off + n], gr, agg[:, off // 8: off // 8 + -(-n // 8)], n_ranks, 3e-3,
+                                0.1, 0.99, aggregation, rounding_seed=rounding_seed, elem_offset=off)
+        for got, ref in zip(pk, pr, strict=True):
+            assert_same(got.cpu(), ref)
+        assert_same(mk.cpu(), mr)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quantize_on_gpu(bits, dtype):

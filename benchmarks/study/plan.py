@@ -5,8 +5,8 @@
 
 Order (suite ``study``): AdamW at its middle lr, the whole seed-0 lr sweep of local D-Lion and DiLoCo-fp32 at
 H=32 (the first target), DiLoCo-int8 at H=32, that pair's seed-0 best again with seed 1, the sweeps of D-Lion MaVo,
-global Lion and AdamW (the second target) and that trio's seed-0 bests with seed 1, every other method's middle lr, their other lrs; then seed 1, each
-method's seed-0 best lr first.
+global Lion and AdamW (the second target) and that trio's seed-0 bests with seed 1, every other method's middle
+lr, their other lrs; then seed 1, each method's seed-0 best lr first.
 Suite ``demo``: the lr x weight-decay grid of
 ``common.DEMO_GRID`` at the demo's scale, seed 0. A run whose result file exists is skipped; a run that was paused
 resumes from its checkpoint. Each run holds ``--lock`` (flock) only while it trains, so other heavy jobs of the

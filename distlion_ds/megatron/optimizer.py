@@ -94,7 +94,7 @@ import torch
 import torch.distributed as dist
 
 from distlion_ds.comm import VoteExchange, replica_checksum, run_collective
-from distlion_ds.kernels.lion import AGGREGATIONS, f32, lion_apply, lion_votes
+from distlion_ds.kernels.lion import AGGREGATIONS, f32, lion_apply, lion_apply_multi, lion_votes
 from distlion_ds.optim import policy
 
 logger = logging.getLogger(__name__)
@@ -498,11 +498,14 @@ class DistributedLionOptimizer(MegatronOptimizer):
     def _apply(self, b: _Bucket, agg: torch.Tensor, t: int, n: int) -> None:
         beta2 = self.betas[1]
         target = self._flat_target(b)
-        if target is None:  # fp32 parameters without a DDP parameter buffer: one launch per parameter
+        if target is None:  # fp32 parameters without a DDP parameter buffer: one multi-tensor call per param group
+            by_group: dict[int, tuple[dict, list]] = {}
             for p, off, g in b.params:
-                k = p.numel()
-                lion_apply(p, b.exp_avg[off: off + k], b.grad[off: off + k], agg[:, off // 8: -(-(off + k) // 8)],
-                           n, g["lr"], g["weight_decay"], beta2, self.aggregation)
+                by_group.setdefault(id(g), (g, []))[1].append((p, off))
+            for g, items in by_group.values():
+                lion_apply_multi([p for p, _ in items], [b.grad[off: off + p.numel()] for p, off in items],
+                                 [off for _, off in items], b.exp_avg, agg, n, g["lr"], g["weight_decay"], beta2,
+                                 self.aggregation)
             return
         # Runs of consecutive parameters with the same (lr) or (lr, weight_decay), from the groups' current values
         # (OptimizerParamScheduler may change them every step); a run spans the padding between its parameters.

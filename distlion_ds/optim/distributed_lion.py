@@ -14,6 +14,10 @@ Runs. Consecutive parameters of a bucket whose storage is adjacent (a flat param
 DDP keeps) and whose sizes are multiples of 8 have the same layout in memory as in the bucket; so do their
 momentum views. When their gradients are adjacent too, such a run is voted and applied by one kernel launch each
 instead of one per parameter. The result is the same bits either way (every element's index parity is the same).
+Whatever the layout, a bucket's runs and parameters are voted and applied with the multi-tensor launchers
+(``lion_votes_multi`` / ``lion_apply_multi``): one kernel launch per param group and kind of tensor (dtype, with or
+without a gradient, 16-byte aligned or not) rather than one per parameter, since a step over a GPT's ~150
+separately allocated tensors was bound by host launch time on a GPU (benchmarks/RESULTS.md, "First GPU run").
 
 A step, with at most one host synchronisation (the skip decision):
 
@@ -52,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distlion_ds.comm import VoteExchange, gather_fingerprints, gather_objects, local_checksum
-from distlion_ds.kernels.lion import AGGREGATIONS, lion_apply, lion_votes
+from distlion_ds.kernels.lion import AGGREGATIONS, lion_apply_multi, lion_votes_multi
 
 from . import policy
 from .lion import check_lion_hyperparameters
@@ -377,15 +381,15 @@ class DistributedLion(torch.optim.Optimizer):
         beta1_of = {id(g): g["betas"][0] for g in self.param_groups}
 
         # 1. votes, bucket by bucket; each bucket leaves as soon as it is packed.
-        flights = []
+        flights, plans = [], []
         last_device = buckets[-1].device
         for i, b in enumerate(buckets):
             flag = self._flags[b.device]
-            for run in b.runs:
-                for p, grad, off, group in self._launches(run):
-                    out = b.votes[off // 8: off // 8 + -(-p.numel() // 8)]
-                    lion_votes(grad, b.exp_avg[off: off + p.numel()], beta1_of[id(group)], t, out=out,
-                               nonfinite=flag)
+            plans.append(self._bucket_launches(b, t))
+            for group, _, items in plans[-1]:
+                lion_votes_multi([grad for _, grad, _ in items], [p.numel() for p, _, _ in items],
+                                 [off for _, _, off in items], b.exp_avg, beta1_of[id(group)], t, b.votes,
+                                 nonfinite=flag)
             if i == len(buckets) - 1 and len(self._flags) > 1:
                 for dev, f in self._flags.items():  # the last bucket carries every device's flag
                     if dev != last_device:
@@ -403,16 +407,24 @@ class DistributedLion(torch.optim.Optimizer):
 
         # 4. apply each bucket as its aggregate lands.
         n_ranks = self.exchange.world_size
-        for b, flight in zip(buckets, flights, strict=True):
+        for b, flight, plan in zip(buckets, flights, plans, strict=True):
             agg = self.exchange.finish(flight)
-            for run in b.runs:
-                for p, grad, off, group in self._launches(run):
-                    lo = off // 8
-                    lion_apply(p, b.exp_avg[off: off + p.numel()], grad, agg[:, lo: lo + -(-p.numel() // 8)],
-                               n_ranks, group["lr"], group["weight_decay"], group["betas"][1], self.aggregation,
-                               **self._apply_kwargs(p, t, off))
+            for group, seed, items in plan:
+                lion_apply_multi([p for p, _, _ in items], [grad for _, grad, _ in items], [off for _, _, off in items],
+                                 b.exp_avg, agg, n_ranks, group["lr"], group["weight_decay"], group["betas"][1],
+                                 self.aggregation, rounding_seed=seed)
         self._finish_step(t)
         return loss
+
+    def _bucket_launches(self, b: _Bucket, t: int) -> list[tuple[dict, int | None, list[tuple]]]:
+        """The bucket's :meth:`_launches` as ``[(group, rounding seed or None, [(tensor, grad, offset)])]``: each
+        entry is one call of the multi-tensor launchers (one kernel launch per kind of tensor in it)."""
+        keyed: dict[tuple[int, int | None], tuple[dict, int | None, list[tuple]]] = {}
+        for run in b.runs:
+            for p, grad, off, group in self._launches(run):
+                seed = self._apply_kwargs(p, t, off).get("rounding_seed")
+                keyed.setdefault((id(group), seed), (group, seed, []))[2].append((p, grad, off))
+        return list(keyed.values())
 
     def _launches(self, run: _Run) -> list[tuple[torch.Tensor, torch.Tensor | None, int, dict]]:
         """``(tensor, grad, bucket offset, group)`` per kernel launch: the whole run at once when its gradients are
