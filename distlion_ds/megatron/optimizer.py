@@ -47,7 +47,8 @@ installed version) on a release without it.
 bucket), the momentum is one fp32 buffer per bucket in the same layout, and the apply is one ``lion_apply`` launch
 per run of parameters with the same ``lr`` (the whole bucket, in practice) on the bucket's ``param_data`` (fp32
 parameters, when the DDP keeps a parameter buffer) or the bucket's fp32 main parameters (bf16 models, then copied
-into the model's bf16 parameters); fp32 parameters without a parameter buffer get one apply launch each. Weight
+into the model's bf16 parameters); fp32 parameters without a parameter buffer are applied with one multi-tensor
+call per param group (``lion_apply_multi``: one launch per kind of tensor, not one per parameter). Weight
 decay is a per-run scale before the apply (the same fp32 rounding as the fused kernel's ``p * (1 - lr*wd)``). The
 zero rule of DESIGN 3.1 uses an element's index inside its parameter; every parameter must start at a bucket offset
 that is a multiple of 8 (votes byte-aligned, parity preserved). ``DistributedDataParallelConfig(
