@@ -656,20 +656,25 @@ def _tile_tables(device: torch.device, numels: tuple[int, ...], offsets: tuple[i
     return _cached(("tiles", device, numels, offsets), build)
 
 
-def _deltas(device: torch.device, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Each tensor's offset in elements from the first one's address (the caller groups tensors whose addresses
-    differ by whole elements), as a device table, cached by the addresses."""
-    addrs = tuple(t.data_ptr() for t in tensors)
-    size = tensors[0].element_size()
+def _deltas(device: torch.device, addrs: tuple[int, ...], size: int) -> torch.Tensor:
+    """Each address's offset in elements of ``size`` bytes from the first one (the caller groups tensors whose
+    addresses differ by whole elements), as a device table, cached by the addresses."""
     return _cached(("deltas", device, size, addrs), lambda: _to_device([(a - addrs[0]) // size for a in addrs],
                                                                        device))
 
 
-def _address_key(t: torch.Tensor | None) -> tuple:
-    """(16-byte aligned, address modulo the element size): tensors launched together agree on both."""
+def _describe(t: torch.Tensor | None, device_type: str) -> tuple | None:
+    """``(dtype, address, 16-byte aligned, address modulo the element size)`` of a float tensor that can join a
+    multi-tensor launch, or None (non-contiguous: it goes alone, through the single-tensor launcher)."""
     if t is None:
-        return (True, 0)
-    return (t.data_ptr() % 16 == 0, t.data_ptr() % t.element_size())
+        return None
+    check_float("tensor", t)
+    if t.device.type != device_type:
+        raise ValueError(f"a tensor is on {t.device}, the bucket on {device_type}; move them to one device")
+    if not t.is_contiguous():
+        return None
+    addr = t.data_ptr()
+    return t.dtype, addr, addr % 16 == 0, addr % t.element_size()
 
 
 def _check_multi(what: str, numels: list[int], offsets: list[int], exp_avg: torch.Tensor) -> None:
@@ -712,18 +717,19 @@ def lion_votes_multi(grads: list[torch.Tensor | None], numels: list[int], offset
         lion_votes(grads[i], exp_avg[off: off + n], beta1, step, out=out[off // 8: off // 8 + -(-n // 8)],
                    nonfinite=nonfinite)
 
-    if not use_triton(exp_avg, out, *grads) or not MULTI_TENSOR:
+    if not use_triton(exp_avg, out) or not MULTI_TENSOR:  # each tensor's device is checked below or by one()
         for i in range(len(grads)):
             one(i)
         return out, nonfinite
-    keys = []
+    dev = exp_avg.device.type
+    keys, addrs = [], []
     for g, n in zip(grads, numels, strict=True):
-        if g is not None:
-            check_float("grad", g)
-            if g.numel() != n:
-                raise ValueError(f"lion_votes_multi: a gradient has {g.numel()} elements, its numel says {n}")
-        keys.append(None if n == 0 or (g is not None and not g.is_contiguous())
-                    else (g.dtype if g is not None else None, *_address_key(g)))
+        d = _describe(g, dev)
+        if g is not None and g.numel() != n:
+            raise ValueError(f"lion_votes_multi: a gradient has {g.numel()} elements, its numel says {n}")
+        addrs.append(d[1] if d is not None else 0)
+        keys.append(None if n == 0 or (g is not None and d is None)
+                    else (None, True, 0) if g is None else (d[0], d[2], d[3]))
     flag = nonfinite if nonfinite is not None else torch.zeros(1, dtype=torch.int32, device=exp_avg.device)
     for key, idx in _kinds(keys).items():
         if key is None or len(idx) == 1:
@@ -732,8 +738,11 @@ def lion_votes_multi(grads: list[torch.Tensor | None], numels: list[int], offset
             continue
         g_dtype, aligned, _ = key
         tiles, spans = _tile_tables(exp_avg.device, tuple(numels[i] for i in idx), tuple(offsets[i] for i in idx))
-        group = [grads[i] for i in idx]
-        g_base, g_deltas = (group[0], _deltas(exp_avg.device, group)) if g_dtype is not None else (exp_avg, spans)
+        if g_dtype is not None:
+            g_base = grads[idx[0]]
+            g_deltas = _deltas(exp_avg.device, tuple(addrs[i] for i in idx), g_base.element_size())
+        else:
+            g_base, g_deltas = exp_avg, spans
         launch(_lion_votes_multi_kernel, (tiles.shape[0],), g_base, g_deltas, tiles, spans, exp_avg, out, flag,
                f32(beta1), f32(1.0 - beta1), step, HAS_GRAD=g_dtype is not None,
                DELTA_MULTIPLE=16 // g_base.element_size() if aligned else 1, BLOCK_BYTES=_BLOCK_BYTES,
@@ -769,24 +778,25 @@ def lion_apply_multi(params: list[torch.Tensor], grads: list[torch.Tensor | None
         lion_apply(params[i], exp_avg[off: off + n], grads[i], agg[:, off // 8: off // 8 + -(-n // 8)], n_ranks, lr,
                    weight_decay, beta2, aggregation, rounding_seed=rounding_seed, elem_offset=off)
 
-    if not use_triton(exp_avg, agg, *params, *grads) or not MULTI_TENSOR:
+    if not use_triton(exp_avg, agg) or not MULTI_TENSOR:  # each tensor's device is checked below or by one()
         for i in range(len(params)):
             one(i)
         return None
-    keys = []
-    for p, g in zip(params, grads, strict=True):
-        check_float("param", p)
-        if g is not None:
-            check_float("grad", g)
-            if g.numel() != p.numel():
-                raise ValueError(f"lion_apply_multi: a gradient has {g.numel()} elements, its param {p.numel()}")
+    dev = exp_avg.device.type
+    keys, p_addrs, g_addrs = [], [], []
+    for p, g, n in zip(params, grads, numels, strict=True):
+        dp, dg = _describe(p, dev), _describe(g, dev)
+        if g is not None and g.numel() != n:
+            raise ValueError(f"lion_apply_multi: a gradient has {g.numel()} elements, its param {n}")
         stochastic = _check_rounding(p, rounding_seed, 0)
-        contiguous = p.is_contiguous() and (g is None or g.is_contiguous())
-        p_aligned, p_rest = _address_key(p)
-        g_aligned, g_rest = _address_key(g)
-        keys.append(None if p.numel() == 0 or not contiguous
-                    else (p.dtype, g.dtype if g is not None else None, stochastic, p_aligned and g_aligned, p_rest,
-                          g_rest))
+        p_addrs.append(dp[1] if dp is not None else 0)
+        g_addrs.append(dg[1] if dg is not None else 0)
+        if n == 0 or dp is None or (g is not None and dg is None):
+            keys.append(None)
+        elif g is None:
+            keys.append((dp[0], None, stochastic, dp[2], dp[3], 0))
+        else:
+            keys.append((dp[0], dg[0], stochastic, dp[2] and dg[2], dp[3], dg[3]))
     for key, idx in _kinds(keys).items():
         if key is None or len(idx) == 1:
             for i in idx:
@@ -794,16 +804,16 @@ def lion_apply_multi(params: list[torch.Tensor], grads: list[torch.Tensor | None
             continue
         g_dtype, stochastic, aligned = key[1], key[2], key[3]
         tiles, spans = _tile_tables(exp_avg.device, tuple(numels[i] for i in idx), tuple(offsets[i] for i in idx))
-        group_p = [params[i].detach() for i in idx]
-        p_deltas = _deltas(exp_avg.device, group_p)
+        p_base = params[idx[0]].detach()
+        p_deltas = _deltas(exp_avg.device, tuple(p_addrs[i] for i in idx), p_base.element_size())
         if g_dtype is not None:
-            group_g = [grads[i] for i in idx]
-            g_base, g_deltas = group_g[0], _deltas(exp_avg.device, group_g)
+            g_base = grads[idx[0]]
+            g_deltas = _deltas(exp_avg.device, tuple(g_addrs[i] for i in idx), g_base.element_size())
         else:
             g_base, g_deltas = exp_avg, p_deltas
         # 16 bytes in elements of the wider of the two dtypes (a weaker but true hint for the narrower one)
-        multiple = 16 // max(group_p[0].element_size(), g_base.element_size()) if aligned else 1
-        launch(_lion_apply_multi_kernel, (tiles.shape[0],), group_p[0], p_deltas, g_base, g_deltas, tiles, spans,
+        multiple = 16 // max(p_base.element_size(), g_base.element_size()) if aligned else 1
+        launch(_lion_apply_multi_kernel, (tiles.shape[0],), p_base, p_deltas, g_base, g_deltas, tiles, spans,
                exp_avg, agg, agg.stride(0), f32(1.0 - lr * weight_decay), f32(lr), f32(beta2), f32(1.0 - beta2),
                rounding_seed if stochastic else 0, N_RANKS=n_ranks if aggregation == "avg" else 0,
                HAS_GRAD=g_dtype is not None, AVG=aggregation == "avg", NBITS=nbits, STOCHASTIC=stochastic,

@@ -141,6 +141,8 @@ def test_multi_refuses_bad_layouts():
         lion_votes_multi([torch.zeros(8)], [8], [64], m, 0.9, 1, out)
     with pytest.raises(ValueError, match="2 tensors but 1 offsets"):
         lion_votes_multi([torch.zeros(8), None], [8, 8], [0], m, 0.9, 1, out)
+    with pytest.raises(ValueError, match="a tensor is on meta, the bucket on cpu"):
+        lion_votes_multi([torch.zeros(8), torch.zeros(8, device="meta")], [8, 8], [0, 8], m, 0.9, 1, out)
     with pytest.raises(ValueError, match="a gradient has 4 elements, its param 8"):
         lion_apply_multi([torch.zeros(8)], [torch.zeros(4)], [0], m, torch.zeros(1, 8, dtype=torch.uint8), 4, 1e-3,
                          0.0, 0.99, "mavo")
