@@ -164,7 +164,9 @@ def section_topk(device, numel: int) -> dict:
     values_ref, indices_ref = K.topk_select_ref(x.cpu(), k)
     exact = bool(torch.equal(indices.cpu(), indices_ref) and torch.equal(values.cpu(), values_ref))
     return {"ok": exact, "numel": numel, "k": k, "ms": 1e3 * t_ours, "torch_topk_ms": 1e3 * t_torch,
-            "speedup_vs_torch_topk": t_torch / t_ours, "exact_vs_reference": exact}
+            "speedup_vs_torch_topk": t_torch / t_ours, "exact_vs_reference": exact,
+            # where the time goes, per kernel (radix passes, pick, count, scan, write): the select misses its target
+            "profile": _profile(lambda: K.topk_select(x, k), device)}
 
 
 def _lion_run(device, aggregation: str, dtype, numel: int, steps: int = 3):
@@ -390,6 +392,9 @@ def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
     profiles = result["sections"].get("dlion", {}).get("profiles")
     if profiles:
         (out_dir / "dlion_profile.txt").write_text("".join(f"## {k}\n{v}\n" for k, v in profiles.items()))
+    topk_profile = result["sections"].get("topk", {}).get("profile")
+    if topk_profile:
+        (out_dir / "topk_profile.txt").write_text(topk_profile)
     json_path.write_text(json.dumps(result, indent=1, default=str))
     md_path.write_text(render_markdown(result))
     return json_path, md_path

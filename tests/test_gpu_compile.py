@@ -224,6 +224,7 @@ def test_gpu_check_self_test_without_installation(tmp_path):
         ("separate, multi-tensor", 147), ("separate, per tensor", 147), ("flat", 147)]
     assert all(r["payload_equal_to_cpu"] and r["decode_equal_to_cpu"] for r in sections["codecs"]["rows"])
     assert "| kernel | ms | GB/s | of D2D copy |" in (tmp_path / "gpu_check.md").read_text()
+    assert "Self CPU time total" in (tmp_path / "topk_profile.txt").read_text()  # per-kernel (per-op) time
 
 
 def torch_cuda_available() -> bool:
