@@ -420,15 +420,18 @@ class DistributedLion(torch.optim.Optimizer):
         """The bucket's :meth:`_launches` as ``[(group, rounding seed or None, [(tensor, grad, offset)])]``: each
         entry is one call of the multi-tensor launchers (one kernel launch per kind of tensor in it)."""
         keyed: dict[tuple[int, int | None], tuple[dict, int | None, list[tuple]]] = {}
+        step_seed = _step_seed(self.rounding_seed, t) if self.rounding_seed is not None else None  # as _apply_kwargs
         for run in b.runs:
             for p, grad, off, group in self._launches(run):
-                seed = self._apply_kwargs(p, t, off).get("rounding_seed")
+                seed = step_seed if p.dtype == torch.bfloat16 else None
                 keyed.setdefault((id(group), seed), (group, seed, []))[2].append((p, grad, off))
         return list(keyed.values())
 
     def _launches(self, run: _Run) -> list[tuple[torch.Tensor, torch.Tensor | None, int, dict]]:
         """``(tensor, grad, bucket offset, group)`` per kernel launch: the whole run at once when its gradients are
         adjacent in memory too, else one per parameter (same bits either way)."""
+        if len(run.params) == 1:  # the common case, without the run machinery (host time per step counts)
+            return [(run.params[0], run.params[0].grad, run.offset, run.groups[0])]
         whole, g = self._run_grads(run)
         if whole:
             return [(run.flat, g, run.offset, run.groups[0])]
