@@ -1,4 +1,4 @@
-"""Timing shared by the benchmarks: synchronised median over repetitions."""
+"""Timing shared by the benchmarks: synchronised median over repetitions; the GPT-like tensor list they step."""
 
 from __future__ import annotations
 
@@ -43,3 +43,11 @@ def resolve_provider(ap, provider: str | None) -> tuple[str, torch.device]:
     if provider == "torch":
         _dispatch.INTERPRET = False
     return provider, torch.device("cuda" if cuda and provider == "triton" else "cpu")
+
+
+def gpt_like_shapes(numel: int) -> list[tuple[int, ...]]:
+    """A GPT's parameter list (12 layers of 12 tensors, an embedding; 147 tensors) scaled to about ``numel``
+    elements."""
+    h = max(64, int((numel / (12 * 12 + 50)) ** 0.5) // 64 * 64)
+    layer = [(h,), (h,), (3 * h, h), (3 * h,), (h, h), (h,), (h,), (h,), (4 * h, h), (4 * h,), (h, 4 * h), (h,)]
+    return [(50 * h, h)] + layer * 12 + [(h,), (h,)]

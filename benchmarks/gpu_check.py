@@ -236,24 +236,18 @@ def _time_step(opt, device, reps: int = 20, warmup: int = 3, min_time: float = 0
     return step_s, (time.perf_counter() - start) / reps
 
 
-def _gpt_like_shapes(numel: int) -> list[tuple[int, ...]]:
-    """A GPT's parameter list (12 layers of 12 tensors, an embedding) scaled to about ``numel`` elements."""
-    h = max(64, int((numel / (12 * 12 + 50)) ** 0.5) // 64 * 64)
-    layer = [(h,), (h,), (3 * h, h), (3 * h,), (h, h), (h,), (h,), (h,), (4 * h, h), (4 * h,), (h, 4 * h), (h,)]
-    return [(50 * h, h)] + layer * 12 + [(h,), (h,)]
-
-
 def _step_layouts(device, numel: int) -> list[dict]:
     """A bf16 MaVo step over a GPT-like list of 147 tensors: separately allocated, with the multi-tensor launches
     (one launch per kind of tensor) and with one launch per tensor and kernel (``kernels.lion.MULTI_TENSOR`` off),
     against the same tensors as views of one flat buffer, gradients too (one launch per bucket run): how much of a
     step is host-side launching, and what the multi-tensor launches win back."""
     import torch
+    from _timing import gpt_like_shapes
 
     import distlion_ds
     from distlion_ds.kernels import lion as lion_kernels
 
-    shapes = _gpt_like_shapes(numel)
+    shapes = gpt_like_shapes(numel)
     total = sum(torch.Size(s).numel() for s in shapes)
     rows = []
     for layout in ("separate, multi-tensor", "separate, per tensor", "flat"):

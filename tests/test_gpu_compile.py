@@ -134,6 +134,19 @@ def test_multi_tensor_kernels_vectorise_like_the_single_ones(compiled):
             assert s["ld_v4"] > 0 and (m["ld_v4"], m["st_v4"]) == (s["ld_v4"], s["st_v4"]), (arch, multi, m, s)
 
 
+def test_host_step_benchmark_counts_launches(compiled, tmp_path):
+    """benchmarks/bench_host_step.py (after the compile fixture: its kernels come from Triton's cache): a 147-tensor
+    step is 295 launches per tensor (votes and apply per tensor, one count) and 3 with the multi-tensor launchers."""
+    out = tmp_path / "host.json"
+    proc = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "bench_host_step.py"), "--numel", "65536",
+                           "--steps", "1", "--out", str(out)], env=_clean_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tensors"] == 147
+    assert result["launches_per_step"] == {"per tensor": 2 * 147 + 1, "multi-tensor": 3}
+
+
 def test_no_kernel_spills(compiled):
     spills = [f"sm_{arch} {k['kernel']} ({k['cases'][0]}): {k['registers']} registers, "
               f"{k['spill_stores']} B spill stores, {k['spill_loads']} B spill loads at num_warps={k['num_warps']}"
