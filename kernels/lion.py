@@ -476,10 +476,11 @@ def _lion_apply_kernel(p_ptr, m_ptr, g_ptr, agg_ptr, agg_stride, n, decay, lr, c
 
 @triton.jit(do_not_specialize=["seed"])
 def _lion_apply_multi_kernel(p_base, p_deltas, g_base, g_deltas, tiles_ptr, spans_ptr, m_ptr, agg_ptr, agg_stride,
-                             decay, lr, c2, d2, seed, N_RANKS: tl.constexpr, HAS_GRAD: tl.constexpr,
+                             decay, lr, c2, d2, seed, elem_base, N_RANKS: tl.constexpr, HAS_GRAD: tl.constexpr,
                              AVG: tl.constexpr, NBITS: tl.constexpr, STOCHASTIC: tl.constexpr,
                              DELTA_MULTIPLE: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    # The tables as in _lion_votes_multi_kernel; a tensor's bucket offset is also its stochastic-rounding offset.
+    # The tables as in _lion_votes_multi_kernel; a tensor's bucket offset plus elem_base is its stochastic-rounding
+    # offset.
     pid = tl.program_id(0).to(tl.int64)
     ti = tl.load(tiles_ptr + 2 * pid)
     tile = tl.load(tiles_ptr + 2 * pid + 1)
@@ -490,11 +491,11 @@ def _lion_apply_multi_kernel(p_base, p_deltas, g_base, g_deltas, tiles_ptr, span
     if HAS_GRAD:
         g_ptr = g_base + tl.multiple_of(tl.load(g_deltas + ti), DELTA_MULTIPLE)
     if (tile + 1) * (BLOCK_BYTES * 8) <= n:
-        _apply_tile(p_ptr, m_ptr + off, g_ptr, agg_ptr + off // 8, agg_stride, tile, n, decay, lr, c2, d2, seed, off,
-                    N_RANKS, HAS_GRAD, AVG, NBITS, STOCHASTIC, False, BLOCK_BYTES)
+        _apply_tile(p_ptr, m_ptr + off, g_ptr, agg_ptr + off // 8, agg_stride, tile, n, decay, lr, c2, d2, seed,
+                    off + elem_base, N_RANKS, HAS_GRAD, AVG, NBITS, STOCHASTIC, False, BLOCK_BYTES)
     else:
-        _apply_tile(p_ptr, m_ptr + off, g_ptr, agg_ptr + off // 8, agg_stride, tile, n, decay, lr, c2, d2, seed, off,
-                    N_RANKS, HAS_GRAD, AVG, NBITS, STOCHASTIC, True, BLOCK_BYTES)
+        _apply_tile(p_ptr, m_ptr + off, g_ptr, agg_ptr + off // 8, agg_stride, tile, n, decay, lr, c2, d2, seed,
+                    off + elem_base, N_RANKS, HAS_GRAD, AVG, NBITS, STOCHASTIC, True, BLOCK_BYTES)
 
 
 def _lr_delta_table_ref(n_ranks: int, aggregation: str, lr: float, device) -> torch.Tensor:
@@ -752,19 +753,22 @@ def lion_votes_multi(grads: list[torch.Tensor | None], numels: list[int], offset
 
 def lion_apply_multi(params: list[torch.Tensor], grads: list[torch.Tensor | None], offsets: list[int],
                      exp_avg: torch.Tensor, agg: torch.Tensor, n_ranks: int, lr: float, weight_decay: float,
-                     beta2: float, aggregation: str, *, rounding_seed: int | None = None) -> None:
+                     beta2: float, aggregation: str, *, rounding_seed: int | None = None,
+                     elem_offset_base: int = 0) -> None:
     """:func:`lion_apply` of several tensors of one bucket (one param group), one launch per kind (same bits).
 
     Args:
         params, grads: the tensors and their gradients (None for zeros).
         offsets: each tensor's element offset in the bucket (a multiple of 8): its momentum is
-            ``exp_avg[off:off + n]``, its aggregate ``agg[:, off // 8:]``; also its ``elem_offset`` for
-            stochastic rounding.
+            ``exp_avg[off:off + n]``, its aggregate ``agg[:, off // 8:]``; ``elem_offset_base + off`` is its
+            ``elem_offset`` for stochastic rounding (a base lets slices of a shard keep their bucket coordinates).
         exp_avg: the bucket's flat fp32 momentum. agg: the bucket's aggregate ``[nbits, bucket_bytes]``.
         The rest as :func:`lion_apply`.
     """
     numels = [p.numel() for p in params]
     _check_multi("lion_apply_multi", numels, offsets, exp_avg)
+    if isinstance(elem_offset_base, bool) or not isinstance(elem_offset_base, int) or elem_offset_base < 0:
+        raise ValueError(f"lion_apply_multi: elem_offset_base={elem_offset_base!r}; expected a non-negative int")
     nbits = aggregate_bits(aggregation, n_ranks)
     if len(grads) != len(params):
         raise ValueError(f"lion_apply_multi: {len(grads)} gradients for {len(params)} params")
@@ -776,7 +780,7 @@ def lion_apply_multi(params: list[torch.Tensor], grads: list[torch.Tensor | None
     def one(i):
         n, off = numels[i], offsets[i]
         lion_apply(params[i], exp_avg[off: off + n], grads[i], agg[:, off // 8: off // 8 + -(-n // 8)], n_ranks, lr,
-                   weight_decay, beta2, aggregation, rounding_seed=rounding_seed, elem_offset=off)
+                   weight_decay, beta2, aggregation, rounding_seed=rounding_seed, elem_offset=elem_offset_base + off)
 
     if not use_triton(exp_avg, agg) or not MULTI_TENSOR:  # each tensor's device is checked below or by one()
         for i in range(len(params)):
@@ -815,7 +819,7 @@ def lion_apply_multi(params: list[torch.Tensor], grads: list[torch.Tensor | None
         multiple = 16 // max(p_base.element_size(), g_base.element_size()) if aligned else 1
         launch(_lion_apply_multi_kernel, (tiles.shape[0],), p_base, p_deltas, g_base, g_deltas, tiles, spans,
                exp_avg, agg, agg.stride(0), f32(1.0 - lr * weight_decay), f32(lr), f32(beta2), f32(1.0 - beta2),
-               rounding_seed if stochastic else 0, N_RANKS=n_ranks if aggregation == "avg" else 0,
+               rounding_seed if stochastic else 0, elem_offset_base, N_RANKS=n_ranks if aggregation == "avg" else 0,
                HAS_GRAD=g_dtype is not None, AVG=aggregation == "avg", NBITS=nbits, STOCHASTIC=stochastic,
                DELTA_MULTIPLE=multiple, BLOCK_BYTES=_BLOCK_BYTES, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
     return None

@@ -118,12 +118,13 @@ def test_apply_multi_matches_single_references(aggregation, n_ranks, dtype, seed
     exp_avg = torch.randn(total, generator=gen)
     want_p = [p.clone() for p in params]
     want_m = exp_avg.clone()
+    base = 0 if seed is None else 1000  # the stochastic-rounding index of tensor i starts at base + offsets[i]
     lion_apply_multi(params, grads, offsets, exp_avg, agg, n_ranks, 3e-3, 0.1, 0.99, aggregation,
-                     rounding_seed=seed)
+                     rounding_seed=seed, elem_offset_base=base)
     for p, g, off in zip(want_p, grads, offsets, strict=True):
         n = p.numel()
         lion_apply_ref(p, want_m[off: off + n], g, agg[:, off // 8: off // 8 + -(-n // 8)], n_ranks, 3e-3, 0.1,
-                       0.99, aggregation, rounding_seed=seed, elem_offset=off)
+                       0.99, aggregation, rounding_seed=seed, elem_offset=base + off)
     for got, want in zip(params, want_p, strict=True):
         assert torch.equal(got.view(torch.int16 if got.element_size() == 2 else torch.int32),
                            want.view(torch.int16 if want.element_size() == 2 else torch.int32))

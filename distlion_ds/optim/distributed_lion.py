@@ -358,6 +358,10 @@ class DistributedLion(torch.optim.Optimizer):
             return dict(rounding_seed=_step_seed(self.rounding_seed, t), elem_offset=offset)
         return {}
 
+    def step_rounding_seed(self, t: int) -> int | None:
+        """Step ``t``'s stochastic-rounding seed of bf16 parameters (None: round to nearest), as ``_apply_kwargs``."""
+        return _step_seed(self.rounding_seed, t) if self.rounding_seed is not None else None
+
     @torch.no_grad()
     def step(self, closure=None):
         """One D-Lion step; a collective over the process group, so every rank must call it."""
@@ -420,7 +424,7 @@ class DistributedLion(torch.optim.Optimizer):
         """The bucket's :meth:`_launches` as ``[(group, rounding seed or None, [(tensor, grad, offset)])]``: each
         entry is one call of the multi-tensor launchers (one kernel launch per kind of tensor in it)."""
         keyed: dict[tuple[int, int | None], tuple[dict, int | None, list[tuple]]] = {}
-        step_seed = _step_seed(self.rounding_seed, t) if self.rounding_seed is not None else None  # as _apply_kwargs
+        step_seed = self.step_rounding_seed(t)
         for run in b.runs:
             for p, grad, off, group in self._launches(run):
                 seed = step_seed if p.dtype == torch.bfloat16 else None
