@@ -202,6 +202,8 @@ def kernel_cases():
                 if dt == torch.bfloat16 and n_ranks in (1, 3):
                     add((f"lion_apply_multi {agg} N={n_ranks} bf16 stochastic seed=1",
                          lambda apply_multi=apply_multi: apply_multi(rounding_seed=1)))
+                    add((f"lion_apply_multi {agg} N={n_ranks} bf16 stochastic elem_offset_base>2^31",
+                         lambda apply_multi=apply_multi: apply_multi(rounding_seed=5, elem_offset_base=BIG)))
 
     for bits in (2, 4, 8):
         for dt in DTYPES:
