@@ -172,38 +172,38 @@ def kernel_cases():
 
     sizes = [8192, 1001, 16]
     offsets, total = bucket(sizes)
+
+    def votes_multi(dt, unaligned=False, grad=True, step=2):
+        grads = [meta(n, dt, int(unaligned)) if grad else None for n in sizes]
+        return K.lion_votes_multi(grads, sizes, offsets, meta(total), 0.9, step, meta(total // 8, torch.uint8, 3),
+                                  nonfinite=torch.zeros(1, dtype=torch.int32, device="meta"))
+
+    def apply_multi(n_ranks, agg, dt, offset=0, grad=True, **kw):
+        params = [meta(n, dt, offset) for n in sizes]
+        grads = [meta(n, dt, offset) if grad else None for n in sizes]
+        return K.lion_apply_multi(params, grads, offsets, meta(total),
+                                  _agg(K.lion.aggregate_bits(agg, n_ranks), total // 8, 3), n_ranks, 1e-4, 0.1, 0.99,
+                                  agg, **kw)
+
+    # Fewer variants than the single-tensor kernels (same tile code): every dtype aligned (the vectorisation test
+    # compares them with the single kernels), and one case per other path.
     for dt in DTYPES:
         d = str(dt).removeprefix("torch.")
-        for unaligned in (False, True):
-            add((f"lion_votes_multi grad={d}{' unaligned' if unaligned else ''}", lambda dt=dt, u=unaligned:
-                 K.lion_votes_multi([meta(n, dt, int(u)) for n in sizes], sizes, offsets, meta(total), 0.9, 2,
-                                    meta(total // 8, torch.uint8, 3),
-                                    nonfinite=torch.zeros(1, dtype=torch.int32, device="meta"))))
-    add(("lion_votes_multi grad=None step=1", lambda: K.lion_votes_multi(
-        [None] * 3, sizes, offsets, meta(total), 0.9, 1, meta(total // 8, torch.uint8))))
-    for n_ranks in (1, 3, 64):
+        add((f"lion_votes_multi grad={d}", lambda dt=dt: votes_multi(dt)))
         for agg in ("mavo", "avg"):
-            nbits = K.lion.aggregate_bits(agg, n_ranks)
-            for dt in DTYPES:
-                d = str(dt).removeprefix("torch.")
-
-                def apply_multi(n_ranks=n_ranks, agg=agg, nbits=nbits, dt=dt, offset=0, grad=True, **kw):
-                    params = [meta(n, dt, offset) for n in sizes]
-                    grads = [meta(n, dt, offset) if grad else None for n in sizes]
-                    return K.lion_apply_multi(params, grads, offsets, meta(total), _agg(nbits, total // 8, 3),
-                                              n_ranks, 1e-4, 0.1, 0.99, agg, **kw)
-
-                add((f"lion_apply_multi {agg} N={n_ranks} {d}", apply_multi))
-                if n_ranks == 3:
-                    add((f"lion_apply_multi {agg} N={n_ranks} {d} unaligned",
-                         lambda apply_multi=apply_multi: apply_multi(offset=1)))
-                    add((f"lion_apply_multi {agg} N={n_ranks} {d} grad=None",
-                         lambda apply_multi=apply_multi: apply_multi(grad=False)))
-                if dt == torch.bfloat16 and n_ranks in (1, 3):
-                    add((f"lion_apply_multi {agg} N={n_ranks} bf16 stochastic seed=1",
-                         lambda apply_multi=apply_multi: apply_multi(rounding_seed=1)))
-                    add((f"lion_apply_multi {agg} N={n_ranks} bf16 stochastic elem_offset_base>2^31",
-                         lambda apply_multi=apply_multi: apply_multi(rounding_seed=5, elem_offset_base=BIG)))
+            add((f"lion_apply_multi {agg} N=1 {d}", lambda agg=agg, dt=dt: apply_multi(1, agg, dt)))
+    bf16, fp32 = torch.bfloat16, torch.float32
+    add(("lion_votes_multi grad=bfloat16 unaligned", lambda: votes_multi(bf16, unaligned=True)))
+    add(("lion_votes_multi grad=None step=1", lambda: votes_multi(fp32, grad=False, step=1)))
+    add(("lion_apply_multi avg N=3 float32", lambda: apply_multi(3, "avg", fp32)))
+    add(("lion_apply_multi avg N=64 bfloat16", lambda: apply_multi(64, "avg", bf16)))
+    add(("lion_apply_multi mavo N=2 float32 unaligned", lambda: apply_multi(2, "mavo", fp32, offset=1)))
+    add(("lion_apply_multi avg N=3 bfloat16 unaligned", lambda: apply_multi(3, "avg", bf16, offset=1)))
+    add(("lion_apply_multi mavo N=2 bfloat16 grad=None", lambda: apply_multi(2, "mavo", bf16, grad=False)))
+    add(("lion_apply_multi avg N=3 float32 grad=None", lambda: apply_multi(3, "avg", fp32, grad=False)))
+    add(("lion_apply_multi mavo N=1 bf16 stochastic seed=1", lambda: apply_multi(1, "mavo", bf16, rounding_seed=1)))
+    add(("lion_apply_multi avg N=3 bf16 stochastic elem_offset_base>2^31",
+         lambda: apply_multi(3, "avg", bf16, rounding_seed=5, elem_offset_base=BIG)))
 
     for bits in (2, 4, 8):
         for dt in DTYPES:
