@@ -95,9 +95,18 @@ def test_slownet_time_to_target_is_steps_times_the_measured_step():
 
 
 def test_best_lr_is_the_lowest_mean_over_seeds():
-    runs = [{"lr": 1.0, "final_val_loss": 3.0}, {"lr": 1.0, "final_val_loss": 5.0},
-            {"lr": 2.0, "final_val_loss": 3.5}, {"lr": 2.0, "final_val_loss": 3.9}]
+    runs = [{"lr": 1.0, "final_val_loss": 3.0, "seed": 0}, {"lr": 1.0, "final_val_loss": 5.0, "seed": 1},
+            {"lr": 2.0, "final_val_loss": 3.5, "seed": 0}, {"lr": 2.0, "final_val_loss": 3.9, "seed": 1}]
     assert report.best_lr(runs) == 2.0  # 3.7 < 4.0, although lr 1.0 has the single best run
+
+
+def test_best_lr_compares_lrs_on_the_seeds_they_share():
+    # lr 2.0 was the seed-0 best and got an unlucky seed 1; lr 1.0 has seed 0 only: compared on seed 0, 2.0 wins.
+    runs = [{"lr": 1.0, "final_val_loss": 3.6, "seed": 0},
+            {"lr": 2.0, "final_val_loss": 3.5, "seed": 0}, {"lr": 2.0, "final_val_loss": 3.9, "seed": 1}]
+    assert report.best_lr(runs) == 2.0
+    runs.append({"lr": 1.0, "final_val_loss": 3.7, "seed": 1})  # both seeds everywhere: the means decide (3.65)
+    assert report.best_lr(runs) == 1.0
 
 
 def test_a_best_lr_at_the_end_of_its_grid_is_flagged():
