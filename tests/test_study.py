@@ -38,7 +38,7 @@ def test_result_names():
 
 def test_plan_order_and_counts():
     runs = plan.planned_runs("study")
-    assert len(runs) == 13 * 3 * 2
+    assert len(runs) == 13 * 3 * 2 + 2  # + a third seed for global Lion and D-Lion MaVo
     assert len({(r["method"], r["lr"], r["seed"]) for r in runs}) == len(runs)
     # AdamW's middle lr, then the whole H=32 sweep of the first target (middles first), then DiLoCo-int8 at H=32.
     head = [(r["method"], r["lr"]) for r in runs[:8]]
@@ -51,11 +51,12 @@ def test_plan_order_and_counts():
     # again with seed 1 at its seed-0 best (the middle until results exist).
     sweep = runs[10:18]
     assert all(r["seed"] == 0 for r in sweep) and {r["method"] for r in sweep} == {"dlion_mavo", "lion", "adamw"}
-    assert [(r["method"], r["seed"]) for r in runs[18:21]] == [("dlion_mavo", 1), ("lion", 1), ("adamw", 1)]
-    rest = runs[:8] + runs[10:18] + runs[21:]
+    assert [(r["method"], r["seed"]) for r in runs[18:23]] == [("dlion_mavo", 1), ("lion", 1), ("adamw", 1),
+                                                                ("lion", 2), ("dlion_mavo", 2)]
+    rest = runs[:8] + runs[10:18] + runs[23:]
     assert all(r["seed"] == 0 for r in rest[:39]) and all(r["seed"] == 1 for r in rest[39:])
     assert all(r["wd"] == 0.1 for r in runs)  # the study's Lion-family weight decay is the demo sweep's 0.1
-    assert len(plan.planned_runs("study", int4=True)) == 16 * 3 * 2
+    assert len(plan.planned_runs("study", int4=True)) == 16 * 3 * 2 + 2
     demo = plan.planned_runs("demo")
     assert len(demo) == 44 and demo[0] == {"method": "adamw", "lr": 1e-3, "seed": 0, "wd": 0.1}
 

@@ -5,8 +5,8 @@
 
 Order (suite ``study``): AdamW at its middle lr, the whole seed-0 lr sweep of local D-Lion and DiLoCo-fp32 at
 H=32 (the first target), DiLoCo-int8 at H=32, that pair's seed-0 best again with seed 1, the sweeps of D-Lion MaVo,
-global Lion and AdamW (the second target) and that trio's seed-0 bests with seed 1, every other method's middle
-lr, their other lrs; then seed 1, each method's seed-0 best lr first.
+global Lion and AdamW (the second target), that trio's seed-0 bests with seed 1 (and ``EXTRA_SEEDS``), every other
+method's middle lr, their other lrs; then seed 1, each method's seed-0 best lr first.
 Suite ``demo``: the lr x weight-decay grid of
 ``common.DEMO_GRID`` at the demo's scale, seed 0. A run whose result file exists is skipped; a run that was paused
 resumes from its checkpoint. Each run holds ``--lock`` (flock) only while it trains, so other heavy jobs of the
@@ -28,6 +28,7 @@ import time
 
 from benchmarks.study.common import (
     DEMO_GRID,
+    EXTRA_SEEDS,
     OPTIONAL_METHODS,
     SEEDS,
     STUDY_METHODS,
@@ -56,9 +57,9 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     runs: list[dict] = []
     best = {m: _seed0_best(suite, m) for m in methods}
 
-    def add_seed1_best(ms: list[str]) -> None:  # each at its seed-0 best lr (the middle until one exists)
+    def add_seed1_best(ms: list[str], seed: int = SEEDS[1]) -> None:  # at the seed-0 best lr (else the middle)
         for m in ms:
-            r = {"method": m, "lr": best[m] if best[m] is not None else lr_grid(m)[0], "seed": SEEDS[1]}
+            r = {"method": m, "lr": best[m] if best[m] is not None else lr_grid(m)[0], "seed": seed}
             if m in methods and r not in runs:
                 runs.append(r)
 
@@ -78,6 +79,9 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     add_seed1_best(["local_dlion_H32", "diloco_fp32_H32"])  # the first target's pair again, seed 1
     add(["dlion_mavo", "lion", "adamw"], slice(None))
     add_seed1_best(["dlion_mavo", "lion", "adamw"])  # the second target decided with two seeds
+    for m, seeds in EXTRA_SEEDS.items():  # and a third where two did not decide it
+        for seed in seeds:
+            add_seed1_best([m], seed)
     add(methods, slice(0, 1))
     add(methods, slice(None))
     # Seed 1: each method at its seed-0 best lr first, then the rest.

@@ -24,6 +24,7 @@ import sys
 
 from benchmarks.study.common import (
     DEMO_GRID,
+    EXTRA_SEEDS,
     OPTIONAL_METHODS,
     SEEDS,
     STUDY_METHODS,
@@ -83,7 +84,8 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
             "best_vals": [r["final_val_loss"] for r in best], "all_vals": [r["final_val_loss"] for r in runs],
             "bytes": statistics.fmean(r["bytes_sent_per_worker"] for r in best) if best else None,
             "bits": statistics.fmean(r["bits_per_param_step"] for r in best) if best else None,
-            "done": len(runs), "planned": len(lr_grid(m)) * len(SEEDS), "edge": grid_edge(m, runs, blr),
+            "done": len(runs), "planned": len(lr_grid(m)) * len(SEEDS) + len(EXTRA_SEEDS.get(m, ())),
+            "edge": grid_edge(m, runs, blr),
         })
     return rows
 
