@@ -49,8 +49,9 @@ def _first(rank, world, data, out):
 
     out = pathlib.Path(out)
     _run(out, "full", data, "--save", str(out / "ckpt_full"))
-    if rank == 1:
-        kill_mid_write(out / "killed", "iter_0000004.partial/rank_state/mp_rank_00_001_dp000.pt")
+    if rank == 1:  # once rank 0's side file is renamed into place, complete (what _second expects to find)
+        kill_mid_write(out / "killed", "iter_0000004.partial/rank_state/mp_rank_00_001_dp000.pt",
+                       wait_for=out / "ckpt" / "iter_0000004.partial" / "rank_state" / "mp_rank_00_000_dp000.pt")
     _run(out, "killed", data, "--save", str(out / "ckpt"), "--save-interval", "2")
     raise AssertionError("unreachable: rank 1 is killed during the save of iteration 4")
 
