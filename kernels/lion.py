@@ -620,11 +620,15 @@ def lion_apply(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor | 
 # The optimizer's step over a bucket of T separately allocated tensors is 2T launches (votes, apply); at ~5-10 us
 # of host time per Triton launch a GPT's ~150 tensors keep the GPU waiting (benchmarks/RESULTS.md, "First GPU
 # run": 0.45 ms of GPU time in a 1.5 ms step). The multi-tensor launchers run one program per tile of any tensor
-# of a bucket, in one launch per kind of tensor (dtypes, gradient or not, 16-byte aligned or not): the tensors'
-# addresses go to the device as a table of int64 (cached: the allocator hands the same gradient addresses out
-# step after step, so steady state uploads nothing); each tensor's momentum, votes and aggregate sit at its offset
-# in the bucket's flat buffers. Same tile code as the single-tensor kernels, hence the same bits; the references
-# are the single-tensor references over each tensor's slices.
+# of a bucket, in one launch per kind of tensor (dtypes, gradient or not, 16-byte aligned or not, address modulo
+# the element size): each tensor's address goes to the device as an int64 offset in elements from the first
+# tensor of its kind, which is a pointer argument (cached tables: the allocator hands the same gradient addresses
+# out step after step, so steady state uploads nothing). Raw addresses cast to pointers would lose the alignment
+# the compiler needs to vectorise; an offset from a 16-byte aligned argument, hinted as a multiple of 16 bytes,
+# keeps it, and full tiles run unmasked: their PTX has the single-tensor kernels' 16-byte accesses
+# (tests/test_gpu_compile.py). Each tensor's momentum, votes and aggregate sit at its offset in the bucket's flat
+# buffers. Same tile code as the single-tensor kernels, hence the same bits; the references are the single-tensor
+# references over each tensor's slices.
 MULTI_TENSOR = True  # False: the multi-tensor launchers launch once per tensor (benchmarks/gpu_check.py compares)
 _TABLE_CACHE: dict = {}
 _TABLE_CACHE_SIZE = 256
