@@ -211,8 +211,11 @@ def targets(rows: list[dict]) -> list[str]:
         noise = (max(a + b) - min(a + b)) if len(a) > 1 and len(b) > 1 else None
         verdict = ("undecided: one seed" if noise is None else
                    "decided" if abs(diff) > max(max(a) - min(a), max(b) - min(b)) else "within the seed spread")
+        per_seed = "; ".join(f"{r['method']} " + " / ".join(f"{x['final_val_loss']:.4f} (s{x['seed']})" for x in
+                                                            sorted(r["best_runs"], key=lambda x: x["seed"]))
+                             for r in (m, other))
         out.append(f"- D-Lion MaVo vs {name}: {diff:+.4f} nats in final validation loss (best lrs; seeds "
-                   f"{len(a)} / {len(b)}): {verdict}.")
+                   f"{len(a)} / {len(b)}): {verdict}. Per seed: {per_seed}.")
     return out
 
 
