@@ -269,7 +269,7 @@ def _step_layouts(device, numel: int) -> list[dict]:
         reps = 1 if SELF_TEST else 20  # the interpreted self-test proves the plumbing (~1 s a step there)
         lion_kernels.MULTI_TENSOR = layout != "separate, per tensor"
         try:
-            step_s, pipelined_s = _time_step(opt, device, reps, warmup=1 if SELF_TEST else 3,
+            step_s, pipelined_s = _time_step(opt, device, reps, warmup=0 if SELF_TEST else 3,
                                              min_time=0.0 if SELF_TEST else 0.3)
         finally:
             lion_kernels.MULTI_TENSOR = True
