@@ -819,8 +819,9 @@ def lion_apply_multi(params: list[torch.Tensor], grads: list[torch.Tensor | None
             g_deltas = _deltas(exp_avg.device, tuple(g_addrs[i] for i in idx), g_base.element_size())
         else:
             g_base, g_deltas = exp_avg, p_deltas
-        # 16 bytes in elements of the wider of the two dtypes (a weaker but true hint for the narrower one)
-        multiple = 16 // max(p_base.element_size(), g_base.element_size()) if aligned else 1
+        # 16 bytes in elements of the wider dtype read (a weaker but true hint for the narrower one)
+        widest = max(p_base.element_size(), g_base.element_size() if g_dtype is not None else 0)
+        multiple = 16 // widest if aligned else 1
         launch(_lion_apply_multi_kernel, (tiles.shape[0],), p_base, p_deltas, g_base, g_deltas, tiles, spans,
                exp_avg, agg, agg.stride(0), f32(1.0 - lr * weight_decay), f32(lr), f32(beta2), f32(1.0 - beta2),
                rounding_seed if stochastic else 0, elem_offset_base, N_RANKS=n_ranks if aggregation == "avg" else 0,

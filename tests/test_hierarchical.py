@@ -91,6 +91,8 @@ def _check_l1_equals_flat(rank, world):
             g = torch.Generator().manual_seed(5)
             params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
             params[-1].data = params[-1].data.bfloat16()
+            params[0].data = params[0].data.t().contiguous().t()  # non-contiguous: applied on a copy, written back
+            assert not params[0].is_contiguous()
             opt = DistributedLion(params, lr=LR, betas=BETAS, weight_decay=WD, aggregation=aggregation,
                                   bucket_numel=512, **kwargs)
             for step in range(1, 4):

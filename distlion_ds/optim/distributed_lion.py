@@ -353,13 +353,9 @@ class DistributedLion(torch.optim.Optimizer):
             return False, None
         return True, _flat_view(grads[0], run.numel)
 
-    def _apply_kwargs(self, p: torch.Tensor, t: int, offset: int) -> dict:
-        if p.dtype == torch.bfloat16 and self.rounding_seed is not None:
-            return dict(rounding_seed=_step_seed(self.rounding_seed, t), elem_offset=offset)
-        return {}
-
     def step_rounding_seed(self, t: int) -> int | None:
-        """Step ``t``'s stochastic-rounding seed of bf16 parameters (None: round to nearest), as ``_apply_kwargs``."""
+        """Step ``t``'s stochastic-rounding seed of bf16 parameters (None: round to nearest); an element's random
+        bits come from it and the element's bucket offset."""
         return _step_seed(self.rounding_seed, t) if self.rounding_seed is not None else None
 
     @torch.no_grad()

@@ -60,7 +60,7 @@ import torch
 
 from distlion_ds.comm import VoteExchange, host_flag
 from distlion_ds.comm.node_exchange import IntraNodeExchange, NodeTopology, ordered_node_mean, received_flag
-from distlion_ds.kernels.lion import aggregate_bits, lion_apply, lion_apply_multi, lion_votes
+from distlion_ds.kernels.lion import aggregate_bits, lion_apply_multi, lion_votes
 
 logger = logging.getLogger(__name__)
 
@@ -275,40 +275,29 @@ class HierarchicalEngine:
             agg = b.gathered[:, :-1].reshape(self.L, self.nbits, sb).transpose(0, 1).reshape(self.nbits, self.L * sb)
             throwaway = self._scratch[b.device][0][: b.numel]  # free now; momentum of slices outside the shard
             calls: dict[tuple, tuple] = {}  # one multi-tensor apply per (group, seed, inside the shard or not)
+            copies = []  # (parameter, its flat copy): non-contiguous parameters, written back after the apply
             for (p, group, off), pieces in zip(b.params, b.pieces, strict=True):
                 data = p.detach()
-                if data.is_contiguous():
-                    flat = data.view(-1)
-                    seed = step_seed if p.dtype == torch.bfloat16 else None
-                    for piece in pieces:
-                        lo, hi = piece.lo, piece.hi
-                        entry = calls.setdefault((id(group), seed, piece.inside), (group, seed, piece.inside, []))
-                        if piece.inside:  # offsets in shard coordinates (momentum, gradient, aggregate shifted)
-                            s = off + lo - b.shard_lo
-                            entry[3].append((flat[lo:hi], b.grad[s: s + hi - lo], s))
-                        else:
-                            entry[3].append((flat[lo:hi], None, off + lo))
-                    continue
-                flat = data.reshape(-1)  # a copy: applied piece by piece, then written back
+                flat = data.view(-1) if data.is_contiguous() else data.reshape(-1)
+                if flat.data_ptr() != data.data_ptr():
+                    copies.append((data, flat))
+                seed = step_seed if p.dtype == torch.bfloat16 else None
                 for piece in pieces:
                     lo, hi = piece.lo, piece.hi
-                    if piece.inside:
+                    entry = calls.setdefault((id(group), seed, piece.inside), (group, seed, piece.inside, []))
+                    if piece.inside:  # offsets in shard coordinates (momentum, gradient, aggregate shifted)
                         s = off + lo - b.shard_lo
-                        m, g = b.exp_avg[s: s + hi - lo], b.grad[s: s + hi - lo]
+                        entry[3].append((flat[lo:hi], b.grad[s: s + hi - lo], s))
                     else:
-                        m, g = throwaway[off + lo: off + hi], None
-                    first = (off + lo) // 8
-                    lion_apply(flat[lo:hi], m, g, agg[:, first: first + -(-(hi - lo) // 8)], self.M, group["lr"],
-                               group["weight_decay"], group["betas"][1], opt.aggregation,
-                               **opt._apply_kwargs(p, t, off + lo))
-                if flat.data_ptr() != data.data_ptr():
-                    data.copy_(flat.view_as(data))
+                        entry[3].append((flat[lo:hi], None, off + lo))
             shard_agg = agg[:, b.shard_lo // 8:]
             for group, seed, inside, items in calls.values():
                 lion_apply_multi([x for x, _, _ in items], [g for _, g, _ in items], [o for _, _, o in items],
                                  b.exp_avg if inside else throwaway, shard_agg if inside else agg, self.M,
                                  group["lr"], group["weight_decay"], group["betas"][1], opt.aggregation,
                                  rounding_seed=seed, elem_offset_base=b.shard_lo if inside else 0)
+            for data, flat in copies:
+                data.copy_(flat.view_as(data))
         return True
 
     # ------------------------------------------------------------------------------------------ stats and state
