@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import pathlib
-import sys
 import time
 
 import torch
@@ -200,5 +199,7 @@ def main(argv=None) -> int:
     return 0 if all(math.isfinite(x) for x in losses) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # finished and torn down: no interpreter finalization for gloo to abort in
+    from distlion_ds.comm import exit_after_teardown
+
+    exit_after_teardown(main())

@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
-import sys
 import time
 import warnings
 
@@ -263,5 +262,7 @@ def _run(args, layout: A.Layout) -> int:
     return 0 if S.all_ok(records) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # finished and torn down: no interpreter finalization for gloo to abort in
+    from distlion_ds.comm import exit_after_teardown
+
+    exit_after_teardown(main())
