@@ -16,7 +16,14 @@ if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(REPO))
 
 from benchmarks.study import plan, report  # noqa: E402
-from benchmarks.study.common import SUITES, lr_grid, parse_method, result_path, run_name  # noqa: E402
+from benchmarks.study.common import (  # noqa: E402
+    SUITES,
+    lr_grid,
+    parse_method,
+    result_path,
+    run_name,
+    study_grid,
+)
 
 
 def test_method_names_parse_and_bad_ones_name_the_flag():
@@ -36,7 +43,8 @@ def test_result_names():
     assert result_path(SUITES["demo"], "lion", 4e-4, 0).parent.name == "demo"
 
 
-def test_plan_order_and_counts():
+def test_plan_order_and_counts(tmp_path, monkeypatch):
+    monkeypatch.setitem(plan.SUITES, "study", dataclasses.replace(SUITES["study"], results=tmp_path))  # no results
     runs = plan.planned_runs("study")
     assert len(runs) == 13 * 3 * 2 + 2  # + a third seed for global Lion and D-Lion MaVo
     assert len({(r["method"], r["lr"], r["seed"]) for r in runs}) == len(runs)
@@ -72,7 +80,44 @@ def test_seed_one_starts_at_each_methods_seed_zero_best(tmp_path, monkeypatch):
         firsts.setdefault(r["method"], r["lr"])
     assert firsts["lion"] == lr_grid("lion")[1]
     assert firsts["adamw"] == lr_grid("adamw")[0]  # no seed-0 results: the middle
-    assert [r for r in plan.pending("study") if r["method"] == "lion" and r["seed"] == 0] == []
+    # The best is the grid's lowest lr: the one seed-0 run left is the next point below it (half of it here).
+    assert [r["lr"] for r in plan.pending("study") if r["method"] == "lion" and r["seed"] == 0] == [3.75e-5]
+
+
+def test_a_grid_is_extended_past_an_edge_best_a_bounded_number_of_times(tmp_path, monkeypatch):
+    suite = dataclasses.replace(SUITES["study"], results=tmp_path)
+    monkeypatch.setitem(plan.SUITES, "study", suite)
+    mid, low, high = lr_grid("diloco_fp32_H128")  # 0.4, 0.2, 0.7: the high step is x1.75
+
+    def result(lr, loss):
+        result_path(suite, "diloco_fp32_H128", lr, 0, 0.1).write_text(json.dumps({"final_val_loss": loss}))
+
+    def seed0_lrs():
+        return [r["lr"] for r in plan.planned_runs("study") if r["method"] == "diloco_fp32_H128" and r["seed"] == 0]
+
+    result(mid, 5.0)
+    result(high, 4.9)
+    assert study_grid(suite, "diloco_fp32_H128") == [mid, low, high]  # the sweep is not complete: nothing added
+    result(low, 5.1)
+    assert study_grid(suite, "diloco_fp32_H128") == [mid, low, high, 1.225]  # 0.7 x 1.75
+    runs = plan.planned_runs("study")
+    ext = runs.index({"method": "diloco_fp32_H128", "lr": 1.225, "seed": 0, "wd": 0.1})
+    assert all(r["seed"] == 0 for r in runs[:ext + 1] if r["method"] == "diloco_fp32_H128")
+    assert ext < runs.index({"method": "diloco_fp32_H128", "lr": high, "seed": 1, "wd": 0.1})  # seed 1 after it
+    assert len(runs) == 13 * 3 * 2 + 2 + 2  # the new lr with seeds 0 and 1
+    result(1.225, 4.8)  # better again: one more step (1.225 x 1.75)
+    assert seed0_lrs() == [mid, low, high, 1.225, 2.144]
+    result(2.144, 4.7)  # better again, but the grid has had its MAX_GRID_EXTENSIONS
+    assert study_grid(suite, "diloco_fp32_H128") == [mid, low, high, 1.225, 2.144]
+    assert [r["lr"] for r in plan.planned_runs("study") if r["method"] == "diloco_fp32_H128" and r["seed"] == 1][0] \
+        == 2.144  # seed 1 starts at the best, wherever it is
+    # A worse extension ends the search: the edge point stays the best.
+    for f in tmp_path.glob("*.json"):
+        f.unlink()
+    for lr, loss in ((mid, 5.0), (low, 4.9), (high, 5.1), (0.1, 4.95)):
+        result(lr, loss)
+    assert study_grid(suite, "diloco_fp32_H128") == [mid, low, high, 0.1]
+    assert plan._seed0_best("study", "diloco_fp32_H128") == low
 
 
 def test_steps_to_target_interpolates_between_validation_points():
@@ -120,6 +165,9 @@ def test_a_best_lr_at_the_end_of_its_grid_is_flagged():
     assert report.grid_edge("dlion_mavo", runs((mid, 4.3), (high, 4.2)), high) == "highest"
     assert report.grid_edge("dlion_mavo", runs((low, 4.3), (mid, 4.1), (high, 4.2)), mid) is None
     assert report.grid_edge("dlion_mavo", runs((low, 4.1)), low) is None  # one lr run: nothing decided yet
+    below = low / 2  # a point the plan added: the edge is the lowest lr run
+    assert report.grid_edge("dlion_mavo", runs((below, 4.3), (low, 4.1), (mid, 4.2)), low) is None
+    assert report.grid_edge("dlion_mavo", runs((below, 4.0), (low, 4.1), (mid, 4.2)), below) == "lowest"
 
 
 def test_sections_are_replaced_between_markers_and_the_rest_kept():

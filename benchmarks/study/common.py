@@ -27,6 +27,7 @@ Inner AdamW of the local methods: lr INNER_LR (the adamw grid's middle; document
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pathlib
 import re
@@ -137,6 +138,35 @@ def lr_grid(method: str) -> list[float]:
     else:
         mid, lo, hi = 0.4, 0.2, 0.7
     return [float(f"{v:.4g}") for v in (mid, lo, hi)]
+
+
+MAX_GRID_EXTENSIONS = 2  # points the plan may add past one end of a method's grid
+
+
+def study_grid(suite: Suite, method: str) -> list[float]:
+    """``lr_grid(method)``, then the points the plan added past an edge, in the order added.
+
+    Once every point has a seed-0 result and the best of them is the lowest (highest) lr, the optimum may lie beyond
+    the grid: the point one grid step further (the ratio between the edge and its neighbour) joins the grid, at most
+    ``MAX_GRID_EXTENSIONS`` times. Derived from the result files alone, so the plan and the report agree.
+    """
+    grid = lr_grid(method)
+    for _ in range(MAX_GRID_EXTENSIONS):
+        losses = {}
+        for lr in grid:
+            p = result_path(suite, method, lr, SEEDS[0], default_wd(method, suite))
+            if not p.exists():
+                return grid
+            losses[lr] = json.loads(p.read_text())["final_val_loss"]
+        ordered = sorted(grid)
+        best = min(losses, key=losses.get)
+        if best == ordered[0]:
+            grid.append(float(f"{ordered[0] ** 2 / ordered[1]:.4g}"))
+        elif best == ordered[-1]:
+            grid.append(float(f"{ordered[-1] ** 2 / ordered[-2]:.4g}"))
+        else:
+            break
+    return grid
 
 
 STUDY_METHODS = ["adamw", "lion", "dlion_mavo", "dlion_avg",

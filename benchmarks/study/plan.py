@@ -6,7 +6,8 @@
 Order (suite ``study``): AdamW at its middle lr, the whole seed-0 lr sweep of local D-Lion and DiLoCo-fp32 at
 H=32 (the first target), DiLoCo-int8 at H=32, that pair's seed-0 best again with seed 1, the sweeps of D-Lion MaVo,
 global Lion and AdamW (the second target), that trio's seed-0 bests with seed 1 (and ``EXTRA_SEEDS``), every other
-method's middle lr, their other lrs; then seed 1, each method's seed-0 best lr first.
+method's middle lr, their other lrs, the points a grid gains past an edge (``common.study_grid``: when a seed-0
+sweep's best is its lowest or highest lr); then seed 1, each method's seed-0 best lr first.
 Suite ``demo``: the lr x weight-decay grid of
 ``common.DEMO_GRID`` at the demo's scale, seed 0. A run whose result file exists is skipped; a run that was paused
 resumes from its checkpoint. Each run holds ``--lock`` (flock) only while it trains, so other heavy jobs of the
@@ -34,8 +35,8 @@ from benchmarks.study.common import (
     STUDY_METHODS,
     SUITES,
     default_wd,
-    lr_grid,
     result_path,
+    study_grid,
 )
 
 logger = logging.getLogger("benchmarks.study.plan")
@@ -55,19 +56,21 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
         return runs
     methods = STUDY_METHODS + (OPTIONAL_METHODS if int4 else [])
     runs: list[dict] = []
+    grids = {m: study_grid(SUITES[suite], m) for m in methods}  # lr_grid, plus points added past an edge
     best = {m: _seed0_best(suite, m) for m in methods}
 
     def add_seed1_best(ms: list[str], seed: int = SEEDS[1]) -> None:  # at the seed-0 best lr (else the middle)
         for m in ms:
-            r = {"method": m, "lr": best[m] if best[m] is not None else lr_grid(m)[0], "seed": seed}
+            r = {"method": m, "lr": best[m] if best[m] is not None else grids[m][0], "seed": seed}
             if m in methods and r not in runs:
                 runs.append(r)
 
     def add(ms: list[str], which: slice, seed: int = SEEDS[0]) -> None:
-        for i in range(3)[which]:  # interleaved: every method's i-th lr before any (i+1)-th
+        ms = [m for m in ms if m in methods]
+        for i in range(max(len(grids[m]) for m in ms))[which]:  # interleaved: every i-th lr before any (i+1)-th
             for m in ms:
-                r = {"method": m, "lr": lr_grid(m)[i], "seed": seed}
-                if m in methods and r not in runs:
+                r = {"method": m, "lr": grids[m][i], "seed": seed} if i < len(grids[m]) else None
+                if r is not None and r not in runs:
                     runs.append(r)
 
     # Seed 0, in the order that decides the most per run: AdamW's middle (the inner optimizer's reference), then
@@ -95,7 +98,7 @@ def _seed0_best(suite: str, method: str) -> float | None:
     """The lr of the lowest seed-0 final validation loss among the method's grid runs that exist, or None."""
     s = SUITES[suite]
     found = {}
-    for lr in lr_grid(method):
+    for lr in study_grid(s, method):
         p = result_path(s, method, lr, SEEDS[0], default_wd(method, s))
         if p.exists():
             found[lr] = json.loads(p.read_text())["final_val_loss"]
@@ -146,7 +149,8 @@ def main(argv=None) -> int:
         return 0
     deadline = time.time() + 60 * args.budget_minutes
     done = 0
-    for r in todo:
+    while todo := pending(args.suite, args.int4):  # again after every run: a result can extend a grid
+        r = todo[0]
         if time.time() > deadline - 60 or (args.max_runs is not None and done >= args.max_runs):
             break
         rc = _run_one(r, args.suite, deadline, args.lock or None, args.nice)
@@ -156,6 +160,9 @@ def main(argv=None) -> int:
         if rc != 0:
             logger.error("run %s failed with exit status %d; stopping", r, rc)
             return rc
+        if not result_path(SUITES[args.suite], r["method"], r["lr"], r["seed"], r["wd"]).exists():
+            logger.error("run %s exited 0 without its result file; stopping", r)
+            return 1
         done += 1
     logger.info("%d runs finished in this chunk; %d pending", done, len(pending(args.suite, args.int4)))
     return 0

@@ -15,6 +15,7 @@ rate, times the steps it took to reach the target on its validation curve (linea
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import math
@@ -22,9 +23,11 @@ import pathlib
 import statistics
 import sys
 
+from benchmarks.study import plan
 from benchmarks.study.common import (
     DEMO_GRID,
     EXTRA_SEEDS,
+    MAX_GRID_EXTENSIONS,
     OPTIONAL_METHODS,
     SEEDS,
     STUDY_METHODS,
@@ -72,8 +75,11 @@ def best_lr(runs: list[dict]) -> float | None:
                else statistics.fmean(by_lr[lr].values()))
 
 
-def summarize(results: list[dict], methods: list[str]) -> list[dict]:
-    """One row per method: best lr, its seeds' final losses, every run's, bytes, bits, runs done / planned."""
+def summarize(results: list[dict], methods: list[str], planned: dict[str, int] | None = None) -> list[dict]:
+    """One row per method: best lr, its seeds' final losses, every run's, bytes, bits, runs done / planned.
+
+    ``planned``: runs per method in the plan (``benchmarks.study.plan.planned_runs``); by default the base grid's.
+    """
     rows = []
     for m in methods:
         runs = [r for r in results if r["method"] == m]
@@ -84,16 +90,18 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
             "best_vals": [r["final_val_loss"] for r in best], "all_vals": [r["final_val_loss"] for r in runs],
             "bytes": statistics.fmean(r["bytes_sent_per_worker"] for r in best) if best else None,
             "bits": statistics.fmean(r["bits_per_param_step"] for r in best) if best else None,
-            "done": len(runs), "planned": len(lr_grid(m)) * len(SEEDS) + len(EXTRA_SEEDS.get(m, ())),
+            "done": len(runs),
+            "planned": (planned or {}).get(m, len(lr_grid(m)) * len(SEEDS) + len(EXTRA_SEEDS.get(m, ()))),
             "edge": grid_edge(m, runs, blr),
         })
     return rows
 
 
 def grid_edge(method: str, runs: list[dict], blr: float | None) -> str | None:
-    """"lowest" / "highest" when the best lr is at that end of the method's grid and a neighbour was run: the
-    optimum may lie beyond the grid (the plan does not extend grids by itself)."""
-    grid = sorted(lr_grid(method))
+    """"lowest" / "highest" when the best lr is at that end of the lrs run and of the method's base grid, and a
+    neighbour was run: the optimum may lie beyond (the plan extends a grid past such an edge, a bounded number of
+    times: ``common.study_grid``)."""
+    grid = sorted(set(lr_grid(method)) | {r["lr"] for r in runs})
     if blr is None or len({r["lr"] for r in runs}) < 2:
         return None
     if blr == grid[0]:
@@ -347,8 +355,9 @@ def study_section(rows: list[dict], docs: pathlib.Path, wrote_plots: bool, slown
         study_table(rows),
         "",
         *([f"A best lr marked lowest / highest of the grid ({', '.join(r['method'] for r in rows if r['edge'])}) "
-           "beat its neighbour inside the grid: the optimum may lie beyond it, and the plan does not extend grids by "
-           "itself.", ""] if any(r["edge"] for r in rows) else []),
+           "beat its neighbour inside the grid: the optimum may lie beyond it. The plan adds the next point past "
+           f"such an edge once the seed-0 sweep is complete, at most {MAX_GRID_EXTENSIONS} times per method.", ""]
+          if any(r["edge"] for r in rows) else []),
         "Targets (issue 13), from the runs above:",
         *targets(rows),
         "",
@@ -395,9 +404,9 @@ def main(argv=None) -> int:
     docs = pathlib.Path(args.docs)
     study = [r for r in load(SUITES["study"].results) if r.get("suite") == "study"]
     demo = load(SUITES["demo"].results)
-    methods = STUDY_METHODS + (OPTIONAL_METHODS if args.int4 or any(r["method"] in OPTIONAL_METHODS for r in study)
-                               else [])
-    rows = summarize(study, methods)
+    int4 = args.int4 or any(r["method"] in OPTIONAL_METHODS for r in study)
+    methods = STUDY_METHODS + (OPTIONAL_METHODS if int4 else [])
+    rows = summarize(study, methods, collections.Counter(r["method"] for r in plan.planned_runs("study", int4)))
     wrote = False
     if study and not args.no_write:
         plots(rows, docs)
