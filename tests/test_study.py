@@ -207,3 +207,16 @@ def test_targets_decide_with_seeds_and_list_them():
     adamw = next(x for x in report.targets(report.summarize(results, ["adamw", "lion", "dlion_mavo"]))
                  if "vs AdamW" in x)
     assert ": decided." in adamw and "adamw 3.6500 (s0) / 3.6400 (s1)" in adamw
+
+
+def test_seed_spread_table_is_the_spread_of_window_means_per_step():
+    def run(seed, level, final):  # training loss `level` everywhere, 1.0 higher in the first 64 steps
+        return {"seed": seed, "train_loss": [level + (i < 64) for i in range(256)], "final_val_loss": final}
+
+    rows = [{"method": "lion", "best_lr": 1.5e-4, "best_runs": [run(1, 4.5, 4.3), run(0, 4.0, 4.0)]},
+            {"method": "adamw", "best_lr": 2e-3, "best_runs": [run(0, 3.0, 3.6)]}]  # one seed: no line
+    table = report.seed_spread_table(rows, steps=(64, 128, 512), window=16).splitlines()
+    assert table[0] == "| method (best lr) | seeds | step 64 | step 128 | step 512 | final val loss |"
+    assert table[2] == "| lion (0.00015) | 2 | 0.500 | 0.500 | — | 0.300 |"  # step 512: past the runs' end
+    assert len(table) == 3
+    assert report.seed_spread_table(rows[1:]) is None

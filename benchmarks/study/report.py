@@ -227,6 +227,30 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
+def seed_spread_table(rows: list[dict], steps: tuple[int, ...] = (128, 192, 256, 512, 1024, 2048),
+                      window: int = 16) -> str | None:
+    """When, in training, the seeds of a method part: for every method with two or more seeds at its best lr, the
+    spread (max - min over seeds) of the training loss averaged over the ``window`` steps that end at each of
+    ``steps``, and of the final validation loss. None when no method has two seeds yet."""
+    lines = []
+    for r in rows:
+        runs = sorted(r["best_runs"], key=lambda x: x["seed"])
+        if len(runs) < 2:
+            continue
+        cells = []
+        for s in steps:
+            means = [statistics.fmean(x["train_loss"][s - window:s]) for x in runs if len(x["train_loss"]) >= s]
+            cells.append(f"{max(means) - min(means):.3f}" if len(means) == len(runs) else "—")
+        finals = [x["final_val_loss"] for x in runs]
+        lines.append(f"| {r['method']} ({r['best_lr']:g}) | {len(runs)} | " + " | ".join(cells)
+                     + f" | {max(finals) - min(finals):.3f} |")
+    if not lines:
+        return None
+    head = ("| method (best lr) | seeds | " + " | ".join(f"step {s}" for s in steps) + " | final val loss |\n"
+            + "|---" * (len(steps) + 3) + "|")
+    return head + "\n" + "\n".join(lines)
+
+
 def plots(rows: list[dict], docs: pathlib.Path) -> list[pathlib.Path]:
     import matplotlib
 
@@ -362,6 +386,11 @@ def study_section(rows: list[dict], docs: pathlib.Path, wrote_plots: bool, slown
         *targets(rows),
         "",
     ]
+    spread = seed_spread_table(rows)
+    if spread:
+        lines += ["Where the seeds part (spread between the seeds of a method at its best lr: max - min of the "
+                  "training loss averaged over the 16 steps up to each step, and of the final validation loss; the "
+                  "seed changes only the initialisation):", "", spread, ""]
     betas = load(suite.results / "betas")
     if betas:
         lines += [f"Local D-Lion's outer betas at this scale (`--outer-betas`; the table above uses "
