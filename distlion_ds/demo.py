@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
     from tqdm import tqdm
 
     from distlion_ds import DistributedLion, LocalStepsLion
-    from distlion_ds.comm import replica_checksum
+    from distlion_ds.comm import exit_after_teardown, replica_checksum
     from distlion_ds.kernels import _dispatch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -142,6 +142,9 @@ def _worker(rank: int, world: int, port: int, name: str, args, queue) -> None:
                        wall_s=wall, train_loss=[sum(v) / world for v in zip(*all_losses, strict=True)],
                        dp_replicas_identical=len(set(sums)) == 1, params=sum(p.numel() for p in params)))
     dist.destroy_process_group()
+    # The result is in the queue (a SimpleQueue writes synchronously): leave without the interpreter finalization
+    # in which torch 2.13's gloo can abort a finished worker (start_processes would then fail the demo).
+    exit_after_teardown(0)
 
 
 # Row labels of the printed table; the README's demo table is that output, pasted.

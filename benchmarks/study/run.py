@@ -148,7 +148,7 @@ def _evaluate(model, valid, suite: Suite, rank: int, world: int) -> float:
 def _worker(rank: int, world: int, port: int, job: dict, queue) -> None:
     import torch.distributed as dist
 
-    from distlion_ds.comm import replica_checksum
+    from distlion_ds.comm import exit_after_teardown, replica_checksum
     from distlion_ds.data import gpt_datasets
     from distlion_ds.demo import _lr_lambda
     from distlion_ds.gpt import GPT, GPTConfig
@@ -241,9 +241,7 @@ def _worker(rank: int, world: int, port: int, job: dict, queue) -> None:
         if rank == 0:
             queue.put({"status": "paused", "step": done})
         dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_after_teardown(0)
     sums = replica_checksum(params)
     all_losses = [None] * world
     dist.all_gather_object(all_losses, losses)
@@ -266,10 +264,8 @@ def _worker(rank: int, world: int, port: int, job: dict, queue) -> None:
         })
     dist.destroy_process_group()
     # The result is in the queue (a SimpleQueue writes synchronously). Leave without interpreter finalization: torch
-    # 2.13's gloo may abort the process at exit after a successful run (tests/_dist.py does the same).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # 2.13's gloo may abort the process at exit after a successful run.
+    exit_after_teardown(0)
 
 
 def _free_port() -> int:
