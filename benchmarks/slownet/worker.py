@@ -414,6 +414,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the result file is written: no interpreter finalization for gloo to abort in
+    from distlion_ds.comm import exit_after_teardown  # imported late: see the collective wrapping above
 
+    exit_after_teardown(main())

@@ -13,7 +13,6 @@ the optimizer with its DP exchange: fp32 all-reduce + AdamW, or DistributedLion 
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -142,6 +141,8 @@ def run_3d(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
     return out
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the result file is written: no interpreter finalization for gloo to abort in
+    from distlion_ds.comm import exit_after_teardown  # imported late: see the collective wrapping above
+
     worker.SCENARIOS["3d"] = run_3d
-    sys.exit(worker.main())
+    exit_after_teardown(worker.main())

@@ -23,7 +23,6 @@ bytes (``/proc/net/dev``: TCP/IP headers, acks and the barriers included).
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import torch
@@ -114,6 +113,8 @@ def run_study(spec: dict, rank: int, world: int, dev: str) -> list[dict]:
     return out
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the result file is written: no interpreter finalization for gloo to abort in
+    from distlion_ds.comm import exit_after_teardown  # imported late: see the collective wrapping above
+
     worker.SCENARIOS["study"] = run_study
-    sys.exit(worker.main())
+    exit_after_teardown(worker.main())
