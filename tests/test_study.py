@@ -198,13 +198,13 @@ def test_targets_decide_with_seeds_and_list_them():
 
     results = runs("dlion_mavo", 1.5e-4, [4.1, 4.0, 4.3]) + runs("lion", 1.5e-4, [4.0, 4.3, 4.28]) \
         + runs("adamw", 2e-3, [3.65])
-    lines = report.targets(report.summarize(results, ["adamw", "lion", "dlion_mavo"]))
+    lines = report.targets(report.summarize(results, ["adamw", "lion", "dlion_mavo"], {}))
     lion = next(x for x in lines if "vs global Lion" in x)
     adamw = next(x for x in lines if "vs AdamW" in x)
     assert "within the seed spread" in lion and "dlion_mavo 4.1000 (s0) / 4.0000 (s1) / 4.3000 (s2)" in lion
     assert "undecided: one seed" in adamw
     results += runs("adamw", 2e-3, [3.65, 3.64])[1:]
-    adamw = next(x for x in report.targets(report.summarize(results, ["adamw", "lion", "dlion_mavo"]))
+    adamw = next(x for x in report.targets(report.summarize(results, ["adamw", "lion", "dlion_mavo"], {}))
                  if "vs AdamW" in x)
     assert ": decided." in adamw and "adamw 3.6500 (s0) / 3.6400 (s1)" in adamw
 

@@ -140,6 +140,16 @@ def lr_grid(method: str) -> list[float]:
     return [float(f"{v:.4g}") for v in (mid, lo, hi)]
 
 
+def seed0_losses(suite: Suite, method: str, lrs: list[float]) -> dict[float, float]:
+    """The final validation loss of every seed-0 run of ``method`` at ``lrs`` whose result file exists."""
+    out = {}
+    for lr in lrs:
+        p = result_path(suite, method, lr, SEEDS[0], default_wd(method, suite))
+        if p.exists():
+            out[lr] = json.loads(p.read_text())["final_val_loss"]
+    return out
+
+
 MAX_GRID_EXTENSIONS = 2  # points the plan may add past one end of a method's grid
 
 
@@ -152,12 +162,9 @@ def study_grid(suite: Suite, method: str) -> list[float]:
     """
     grid = lr_grid(method)
     for _ in range(MAX_GRID_EXTENSIONS):
-        losses = {}
-        for lr in grid:
-            p = result_path(suite, method, lr, SEEDS[0], default_wd(method, suite))
-            if not p.exists():
-                return grid
-            losses[lr] = json.loads(p.read_text())["final_val_loss"]
+        losses = seed0_losses(suite, method, grid)
+        if len(losses) < len(grid):
+            return grid
         ordered = sorted(grid)
         best = min(losses, key=losses.get)
         if best == ordered[0]:

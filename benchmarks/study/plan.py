@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import logging
 import os
 import pathlib
@@ -36,6 +35,7 @@ from benchmarks.study.common import (
     SUITES,
     default_wd,
     result_path,
+    seed0_losses,
     study_grid,
 )
 
@@ -57,7 +57,7 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     methods = STUDY_METHODS + (OPTIONAL_METHODS if int4 else [])
     runs: list[dict] = []
     grids = {m: study_grid(SUITES[suite], m) for m in methods}  # lr_grid, plus points added past an edge
-    best = {m: _seed0_best(suite, m) for m in methods}
+    best = {m: _seed0_best(suite, m, grids[m]) for m in methods}
 
     def add_seed1_best(ms: list[str], seed: int = SEEDS[1]) -> None:  # at the seed-0 best lr (else the middle)
         for m in ms:
@@ -94,14 +94,12 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     return [dict(r, wd=default_wd(r["method"], SUITES[suite])) for r in runs]
 
 
-def _seed0_best(suite: str, method: str) -> float | None:
-    """The lr of the lowest seed-0 final validation loss among the method's grid runs that exist, or None."""
+def _seed0_best(suite: str, method: str, grid: list[float] | None = None) -> float | None:
+    """The lr of the lowest seed-0 final validation loss among the method's grid runs that exist, or None.
+
+    ``grid``: the method's ``study_grid``, when the caller has it already."""
     s = SUITES[suite]
-    found = {}
-    for lr in study_grid(s, method):
-        p = result_path(s, method, lr, SEEDS[0], default_wd(method, s))
-        if p.exists():
-            found[lr] = json.loads(p.read_text())["final_val_loss"]
+    found = seed0_losses(s, method, study_grid(s, method) if grid is None else grid)
     return min(found, key=found.get) if found else None
 
 

@@ -26,7 +26,6 @@ import sys
 from benchmarks.study import plan
 from benchmarks.study.common import (
     DEMO_GRID,
-    EXTRA_SEEDS,
     MAX_GRID_EXTENSIONS,
     OPTIONAL_METHODS,
     SEEDS,
@@ -75,10 +74,10 @@ def best_lr(runs: list[dict]) -> float | None:
                else statistics.fmean(by_lr[lr].values()))
 
 
-def summarize(results: list[dict], methods: list[str], planned: dict[str, int] | None = None) -> list[dict]:
+def summarize(results: list[dict], methods: list[str], planned: dict[str, int]) -> list[dict]:
     """One row per method: best lr, its seeds' final losses, every run's, bytes, bits, runs done / planned.
 
-    ``planned``: runs per method in the plan (``benchmarks.study.plan.planned_runs``); by default the base grid's.
+    ``planned``: runs per method in the plan (counted from ``benchmarks.study.plan.planned_runs``).
     """
     rows = []
     for m in methods:
@@ -91,7 +90,7 @@ def summarize(results: list[dict], methods: list[str], planned: dict[str, int] |
             "bytes": statistics.fmean(r["bytes_sent_per_worker"] for r in best) if best else None,
             "bits": statistics.fmean(r["bits_per_param_step"] for r in best) if best else None,
             "done": len(runs),
-            "planned": (planned or {}).get(m, len(lr_grid(m)) * len(SEEDS) + len(EXTRA_SEEDS.get(m, ()))),
+            "planned": planned.get(m, 0),
             "edge": grid_edge(m, runs, blr),
         })
     return rows
