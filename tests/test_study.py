@@ -59,9 +59,12 @@ def test_plan_order_and_counts(tmp_path, monkeypatch):
     # again with seed 1 at its seed-0 best (the middle until results exist).
     sweep = runs[10:18]
     assert all(r["seed"] == 0 for r in sweep) and {r["method"] for r in sweep} == {"dlion_mavo", "lion", "adamw"}
-    assert [(r["method"], r["seed"]) for r in runs[18:23]] == [("dlion_mavo", 1), ("lion", 1), ("adamw", 1),
-                                                                ("lion", 2), ("dlion_mavo", 2)]
-    rest = runs[:8] + runs[10:18] + runs[23:]
+    assert [(r["method"], r["seed"]) for r in runs[18:21]] == [("dlion_mavo", 1), ("lion", 1), ("adamw", 1)]
+    # Then the rest of the trio's sweep with seed 1 (its best lr is chosen on two seeds), then the third seeds.
+    assert sorted((r["method"], r["lr"]) for r in runs[18:27] if r["seed"] == 1) == \
+        sorted((m, lr) for m in ("dlion_mavo", "lion", "adamw") for lr in lr_grid(m))
+    assert [(r["method"], r["seed"]) for r in runs[27:29]] == [("lion", 2), ("dlion_mavo", 2)]
+    rest = runs[:8] + runs[10:18] + runs[29:]
     assert all(r["seed"] == 0 for r in rest[:39]) and all(r["seed"] == 1 for r in rest[39:])
     assert all(r["wd"] == 0.1 for r in runs)  # the study's Lion-family weight decay is the demo sweep's 0.1
     assert len(plan.planned_runs("study", int4=True)) == 16 * 3 * 2 + 2
@@ -82,6 +85,33 @@ def test_seed_one_starts_at_each_methods_seed_zero_best(tmp_path, monkeypatch):
     assert firsts["adamw"] == lr_grid("adamw")[0]  # no seed-0 results: the middle
     # The best is the grid's lowest lr: the one seed-0 run left is the next point below it (half of it here).
     assert [r["lr"] for r in plan.pending("study") if r["method"] == "lion" and r["seed"] == 0] == [3.75e-5]
+
+
+def test_the_third_seed_goes_to_the_best_lr_on_the_seeds_every_lr_shares(tmp_path, monkeypatch):
+    suite = dataclasses.replace(SUITES["study"], results=tmp_path)
+    monkeypatch.setitem(plan.SUITES, "study", suite)
+    mid, low, high = lr_grid("lion")
+
+    def result(lr, seed, loss):
+        result_path(suite, "lion", lr, seed, 0.1).write_text(json.dumps({"final_val_loss": loss}))
+
+    def third():
+        return sorted(r["lr"] for r in plan.planned_runs("study") if r["method"] == "lion" and r["seed"] == 2)
+
+    for lr, loss in ((mid, 4.0), (low, 4.05), (high, 4.1)):
+        result(lr, 0, loss)
+    assert third() == [mid]  # seed 0 alone: the middle is the best
+    result(mid, 1, 4.3)  # an unlucky seed 1 at the middle; the low lr has no seed 1 yet: compared on seed 0
+    assert third() == [mid]
+    result(low, 1, 3.98)
+    result(high, 1, 4.2)  # every lr has seeds 0 and 1: the low lr's mean (4.015) beats the middle's (4.15)
+    assert third() == [low]
+    assert plan._seed0_best("study", "lion") == mid  # seed 1 at the other lrs still starts from the seed-0 best
+    result(mid, 2, 4.25)  # a third seed run at the middle when it was the best stays in the plan (and is counted)
+    assert third() == [low, mid]
+    assert report.best_lr([{"lr": lr, "seed": s, "final_val_loss": json.loads(
+        result_path(suite, "lion", lr, s, 0.1).read_text())["final_val_loss"]}
+        for lr in (mid, low, high) for s in (0, 1, 2) if result_path(suite, "lion", lr, s, 0.1).exists()]) == low
 
 
 def test_a_grid_is_extended_past_an_edge_best_a_bounded_number_of_times(tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ import json
 import math
 import pathlib
 import re
+import statistics
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -182,9 +183,42 @@ STUDY_METHODS = ["adamw", "lion", "dlion_mavo", "dlion_avg",
                  *[f"diloco_int8_H{h}" for h in (8, 32, 128)]]
 OPTIONAL_METHODS = [f"diloco_int4_H{h}" for h in (8, 32, 128)]
 SEEDS = (0, 1)
-# Seeds beyond SEEDS, at the seed-0 best lr only: global Lion's two seeds differed by 0.31 nats (4.0144 / 4.3291),
-# more than D-Lion MaVo's gap to it, so that comparison (the seed paper's claim) gets a third seed.
+# Seeds beyond SEEDS, at the best lr only (``shared_seed_best``): global Lion's two seeds differed by 0.31 nats
+# (4.0144 / 4.3291), more than D-Lion MaVo's gap to it, so that comparison (the seed paper's claim) gets a third seed.
 EXTRA_SEEDS = {"lion": (2,), "dlion_mavo": (2,)}
+
+
+def best_lr(runs: list[dict]) -> float | None:
+    """The lr with the lowest mean final validation loss over the seeds that every lr of the method was run with.
+
+    ``runs``: result dicts (``lr``, ``seed``, ``final_val_loss``) of one method. Comparing on the shared seeds only,
+    an lr with an extra, unlucky seed does not lose to an lr run once (the plan runs seed 1 at the seed-0 best
+    first); once every lr has seeds 0 and 1, their means decide, not one lucky seed 0.
+    """
+    by_lr: dict[float, dict[int, float]] = {}
+    for r in runs:
+        by_lr.setdefault(r["lr"], {})[r.get("seed", 0)] = r["final_val_loss"]
+    if not by_lr:
+        return None
+    common = set.intersection(*(set(v) for v in by_lr.values()))
+    return min(by_lr, key=lambda lr: statistics.fmean(by_lr[lr][s] for s in common) if common
+               else statistics.fmean(by_lr[lr].values()))
+
+
+def method_results(suite: Suite, method: str, lrs: list[float]) -> list[dict]:
+    """Every result of ``method`` at ``lrs`` (any seed of SEEDS or EXTRA_SEEDS) whose file exists."""
+    out = []
+    for lr in lrs:
+        for seed in (*SEEDS, *EXTRA_SEEDS.get(method, ())):
+            p = result_path(suite, method, lr, seed, default_wd(method, suite))
+            if p.exists():
+                out.append({"lr": lr, "seed": seed, "final_val_loss": json.loads(p.read_text())["final_val_loss"]})
+    return out
+
+
+def shared_seed_best(suite: Suite, method: str, lrs: list[float]) -> float | None:
+    """``best_lr`` over the result files of ``method`` at ``lrs``: the report's best lr (None before any result)."""
+    return best_lr(method_results(suite, method, lrs))
 
 # The demo-scale sweep: lr x wd for the demo's methods and local D-Lion, seed 0, 300 steps. The demo's own
 # weight decay comes first. Local D-Lion uses H=10, not 8: 10 divides the demo's 300 steps and its validation

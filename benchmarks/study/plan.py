@@ -5,9 +5,11 @@
 
 Order (suite ``study``): AdamW at its middle lr, the whole seed-0 lr sweep of local D-Lion and DiLoCo-fp32 at
 H=32 (the first target), DiLoCo-int8 at H=32, that pair's seed-0 best again with seed 1, the sweeps of D-Lion MaVo,
-global Lion and AdamW (the second target), that trio's seed-0 bests with seed 1 (and ``EXTRA_SEEDS``), every other
-method's middle lr, their other lrs, the points a grid gains past an edge (``common.study_grid``: when a seed-0
-sweep's best is its lowest or highest lr); then seed 1, each method's seed-0 best lr first.
+global Lion and AdamW (the second target), that trio's seed-0 bests with seed 1, then the rest of the trio's sweep
+with seed 1, ``EXTRA_SEEDS`` at the best lr on the seeds every lr shares (``common.shared_seed_best``, the report's
+best), every other method's middle lr, their other lrs, the points a grid gains past an edge
+(``common.study_grid``: when a seed-0 sweep's best is its lowest or highest lr); then seed 1, each method's seed-0
+best lr first.
 Suite ``demo``: the lr x weight-decay grid of
 ``common.DEMO_GRID`` at the demo's scale, seed 0. A run whose result file exists is skipped; a run that was paused
 resumes from its checkpoint. Each run holds ``--lock`` (flock) only while it trains, so other heavy jobs of the
@@ -36,6 +38,7 @@ from benchmarks.study.common import (
     default_wd,
     result_path,
     seed0_losses,
+    shared_seed_best,
     study_grid,
 )
 
@@ -81,10 +84,19 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     add(["diloco_int8_H32"], slice(0, 1))
     add_seed1_best(["local_dlion_H32", "diloco_fp32_H32"])  # the first target's pair again, seed 1
     add(["dlion_mavo", "lion", "adamw"], slice(None))
-    add_seed1_best(["dlion_mavo", "lion", "adamw"])  # the second target decided with two seeds
-    for m, seeds in EXTRA_SEEDS.items():  # and a third where two did not decide it
+    trio = ["dlion_mavo", "lion", "adamw"]
+    add_seed1_best(trio)  # the second target decided with two seeds,
+    add(trio, slice(None), seed=SEEDS[1])  # its whole sweep with seed 1 too, so its best lr is chosen on two seeds
+    for m, seeds in EXTRA_SEEDS.items():  # and a third seed where two did not decide it, at the two-seed best
+        if m not in methods:
+            continue
+        blr = shared_seed_best(SUITES[suite], m, grids[m])
         for seed in seeds:
-            add_seed1_best([m], seed)
+            for lr in grids[m]:  # one run already at an lr that was the best then stays in the plan
+                done = result_path(SUITES[suite], m, lr, seed, default_wd(m, SUITES[suite])).exists()
+                r = {"method": m, "lr": lr, "seed": seed}
+                if (done or lr == (blr if blr is not None else grids[m][0])) and r not in runs:
+                    runs.append(r)
     add(methods, slice(0, 1))
     add(methods, slice(None))
     # Seed 1: each method at its seed-0 best lr first, then the rest.

@@ -31,6 +31,7 @@ from benchmarks.study.common import (
     SEEDS,
     STUDY_METHODS,
     SUITES,
+    best_lr,
     lr_grid,
     parse_method,
 )
@@ -59,19 +60,6 @@ def _pm(values: list[float]) -> str:
 
 def _gb(b: float) -> str:
     return f"{b / 1e9:.3g} GB" if b >= 1e8 else f"{b / 1e6:.3g} MB"
-
-
-def best_lr(runs: list[dict]) -> float | None:
-    """The lr with the lowest mean final validation loss over the seeds that every lr of the method was run with
-    (an lr with an extra, unlucky seed must not lose to one run once; the plan runs seed 1 at the seed-0 best)."""
-    by_lr: dict[float, dict[int, float]] = {}
-    for r in runs:
-        by_lr.setdefault(r["lr"], {})[r.get("seed", 0)] = r["final_val_loss"]
-    if not by_lr:
-        return None
-    common = set.intersection(*(set(v) for v in by_lr.values()))
-    return min(by_lr, key=lambda lr: statistics.fmean(by_lr[lr][s] for s in common) if common
-               else statistics.fmean(by_lr[lr].values()))
 
 
 def summarize(results: list[dict], methods: list[str], planned: dict[str, int]) -> list[dict]:
