@@ -239,6 +239,20 @@ def test_targets_decide_with_seeds_and_list_them():
     assert ": decided." in adamw and "adamw 3.6500 (s0) / 3.6400 (s1)" in adamw
 
 
+def test_the_paired_comparison_counts_runs_with_the_same_lr_and_seed():
+    def rows(method, runs):
+        return {"method": method, "runs": [{"lr": lr, "seed": s, "final_val_loss": v} for lr, s, v in runs]}
+
+    a = rows("dlion_mavo", [(1e-4, 0, 4.2), (1e-4, 1, 4.1), (2e-4, 0, 4.0), (2e-4, 1, 3.9), (4e-4, 0, 5.0)])
+    b = rows("lion", [(1e-4, 0, 4.0), (1e-4, 1, 4.3), (2e-4, 0, 3.9), (2e-4, 1, 3.85), (8e-4, 0, 1.0)])
+    (line,) = report.paired_line(a, b)
+    # 4 pairs (4e-4 and 8e-4 have no partner): +0.2, -0.2, +0.1, +0.05; 3 of 4 higher, median +0.075;
+    # sign test: P(3 or more of 4) = 5/16, two-sided 0.625.
+    assert "4 pairs" in line and "higher in 3 of 4" in line and "median difference +0.0750" in line
+    assert "p = 0.625" in line and "0.0001 s1 -0.200" in line
+    assert report.paired_line(rows("x", [(1.0, 0, 1.0)]), rows("y", [(1.0, 0, 2.0)])) == []  # one pair decides nothing
+
+
 def test_seed_spread_table_is_the_spread_of_window_means_per_step():
     def run(seed, level, final):  # training loss `level` everywhere, 1.0 higher in the first 64 steps
         return {"seed": seed, "train_loss": [level + (i < 64) for i in range(256)], "final_val_loss": final}

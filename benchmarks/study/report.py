@@ -211,7 +211,26 @@ def targets(rows: list[dict]) -> list[str]:
                              for r in (m, other))
         out.append(f"- D-Lion MaVo vs {name}: {diff:+.4f} nats in final validation loss (best lrs; seeds "
                    f"{len(a)} / {len(b)}): {verdict}. Per seed: {per_seed}.")
+    if m and lion:
+        out.extend(paired_line(m, lion))
     return out
+
+
+def paired_line(a: dict, b: dict) -> list[str]:
+    """``a`` against ``b`` run for run: the pairs of runs with the same lr and seed (the same initialisation and
+    tokens; here D-Lion MaVo and global Lion, which share an lr grid), with an exact two-sided sign test."""
+    theirs = {(r["lr"], r["seed"]): r["final_val_loss"] for r in b["runs"]}
+    pairs = sorted((r["lr"], r["seed"], r["final_val_loss"] - theirs[(r["lr"], r["seed"])])
+                   for r in a["runs"] if (r["lr"], r["seed"]) in theirs)
+    if len(pairs) < 2:
+        return []
+    diffs = [d for _, _, d in pairs]
+    n, k = len(diffs), sum(d > 0 for d in diffs)
+    tail = sum(math.comb(n, i) for i in range(max(k, n - k), n + 1)) / 2 ** n
+    listed = "; ".join(f"{lr:g} s{seed} {d:+.3f}" for lr, seed, d in pairs)
+    return [f"- {a['method']} vs {b['method']} run for run (same lr and seed: the same initialisation and tokens; "
+            f"{n} pairs): {a['method']} higher in {k} of {n}, median difference {statistics.median(diffs):+.4f} "
+            f"nats, exact two-sided sign test p = {min(1.0, 2 * tail):.3g}. Pairs (lr, seed, difference): {listed}."]
 
 
 def seed_spread_table(rows: list[dict], steps: tuple[int, ...] = (128, 192, 256, 512, 1024, 2048),
