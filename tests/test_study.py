@@ -200,6 +200,21 @@ def test_a_best_lr_at_the_end_of_its_grid_is_flagged():
     assert report.grid_edge("dlion_mavo", runs((below, 4.0), (low, 4.1), (mid, 4.2)), below) == "lowest"
 
 
+def test_the_edge_note_says_when_the_plan_does_not_go_past_an_edge():
+    low, mid, high = sorted(lr_grid("lion"))
+
+    def rows(vals):
+        runs = [{"method": "lion", "lr": lr, "seed": s, "final_val_loss": v, "bytes_sent_per_worker": 1,
+                 "bits_per_param_step": 1.0} for (lr, s), v in vals.items()]
+        return report.summarize(runs, ["lion"], {})
+
+    seed0 = {(low, 0): 4.0, (mid, 0): 4.1, (high, 0): 4.2}  # seed 0's best is the low end: the plan extends
+    assert report.edge_note(rows(seed0)).endswith("at most 2 times per method.")
+    # seed 0's best is the middle, the two-seed means' the low end: no point past it is planned
+    two = {(low, 0): 4.05, (mid, 0): 4.0, (high, 0): 4.2, (low, 1): 4.0, (mid, 1): 4.3, (high, 1): 4.2}
+    assert "for lion the edge is the best on the seeds every lr shares but not seed 0's" in report.edge_note(rows(two))
+
+
 def test_sections_are_replaced_between_markers_and_the_rest_kept():
     text = "# Results\n\nothers' section\n"
     once = report.replace_section(text, report.STUDY_MARKERS, "Study", "body 1")
