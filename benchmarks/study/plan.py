@@ -83,8 +83,8 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     add(["local_dlion_H32", "diloco_fp32_H32"], slice(None))
     add(["diloco_int8_H32"], slice(0, 1))
     add_seed1_best(["local_dlion_H32", "diloco_fp32_H32"])  # the first target's pair again, seed 1
-    add(["dlion_mavo", "lion", "adamw"], slice(None))
     trio = ["dlion_mavo", "lion", "adamw"]
+    add(trio, slice(None))
     add_seed1_best(trio)  # the second target decided with two seeds,
     add(trio, slice(None), seed=SEEDS[1])  # its whole sweep with seed 1 too, so its best lr is chosen on two seeds
     for m, seeds in EXTRA_SEEDS.items():  # and a third seed where two did not decide it, at the two-seed best
