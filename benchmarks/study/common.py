@@ -141,14 +141,23 @@ def lr_grid(method: str) -> list[float]:
     return [float(f"{v:.4g}") for v in (mid, lo, hi)]
 
 
+def method_results(suite: Suite, method: str, lrs: list[float], seeds: tuple[int, ...] | None = None) -> list[dict]:
+    """``{"lr", "seed", "final_val_loss"}`` of every run of ``method`` at ``lrs`` whose result file exists; ``seeds``:
+    by default SEEDS and the method's EXTRA_SEEDS."""
+    if seeds is None:
+        seeds = (*SEEDS, *EXTRA_SEEDS.get(method, ()))
+    out = []
+    for lr in lrs:
+        for seed in seeds:
+            p = result_path(suite, method, lr, seed, default_wd(method, suite))
+            if p.exists():
+                out.append({"lr": lr, "seed": seed, "final_val_loss": json.loads(p.read_text())["final_val_loss"]})
+    return out
+
+
 def seed0_losses(suite: Suite, method: str, lrs: list[float]) -> dict[float, float]:
     """The final validation loss of every seed-0 run of ``method`` at ``lrs`` whose result file exists."""
-    out = {}
-    for lr in lrs:
-        p = result_path(suite, method, lr, SEEDS[0], default_wd(method, suite))
-        if p.exists():
-            out[lr] = json.loads(p.read_text())["final_val_loss"]
-    return out
+    return {r["lr"]: r["final_val_loss"] for r in method_results(suite, method, lrs, seeds=(SEEDS[0],))}
 
 
 MAX_GRID_EXTENSIONS = 2  # points the plan may add past one end of a method's grid
@@ -183,7 +192,7 @@ STUDY_METHODS = ["adamw", "lion", "dlion_mavo", "dlion_avg",
                  *[f"diloco_int8_H{h}" for h in (8, 32, 128)]]
 OPTIONAL_METHODS = [f"diloco_int4_H{h}" for h in (8, 32, 128)]
 SEEDS = (0, 1)
-# Seeds beyond SEEDS, at the best lr only (``shared_seed_best``): global Lion's two seeds differed by 0.31 nats
+# Seeds beyond SEEDS, at the best lr only (``best_lr``): global Lion's two seeds differed by 0.31 nats
 # (4.0144 / 4.3291), more than D-Lion MaVo's gap to it, so that comparison (the seed paper's claim) gets a third seed.
 EXTRA_SEEDS = {"lion": (2,), "dlion_mavo": (2,)}
 
@@ -204,21 +213,6 @@ def best_lr(runs: list[dict]) -> float | None:
     return min(by_lr, key=lambda lr: statistics.fmean(by_lr[lr][s] for s in common) if common
                else statistics.fmean(by_lr[lr].values()))
 
-
-def method_results(suite: Suite, method: str, lrs: list[float]) -> list[dict]:
-    """Every result of ``method`` at ``lrs`` (any seed of SEEDS or EXTRA_SEEDS) whose file exists."""
-    out = []
-    for lr in lrs:
-        for seed in (*SEEDS, *EXTRA_SEEDS.get(method, ())):
-            p = result_path(suite, method, lr, seed, default_wd(method, suite))
-            if p.exists():
-                out.append({"lr": lr, "seed": seed, "final_val_loss": json.loads(p.read_text())["final_val_loss"]})
-    return out
-
-
-def shared_seed_best(suite: Suite, method: str, lrs: list[float]) -> float | None:
-    """``best_lr`` over the result files of ``method`` at ``lrs``: the report's best lr (None before any result)."""
-    return best_lr(method_results(suite, method, lrs))
 
 # The demo-scale sweep: lr x wd for the demo's methods and local D-Lion, seed 0, 300 steps. The demo's own
 # weight decay comes first. Local D-Lion uses H=10, not 8: 10 divides the demo's 300 steps and its validation

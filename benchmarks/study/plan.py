@@ -6,7 +6,7 @@
 Order (suite ``study``): AdamW at its middle lr, the whole seed-0 lr sweep of local D-Lion and DiLoCo-fp32 at
 H=32 (the first target), DiLoCo-int8 at H=32, that pair's seed-0 best again with seed 1, the sweeps of D-Lion MaVo,
 global Lion and AdamW (the second target), that trio's seed-0 bests with seed 1, then the rest of the trio's sweep
-with seed 1, ``EXTRA_SEEDS`` at the best lr on the seeds every lr shares (``common.shared_seed_best``, the report's
+with seed 1, ``EXTRA_SEEDS`` at the best lr on the seeds every lr shares (``common.best_lr``, the report's
 best), every other method's middle lr, their other lrs, the points a grid gains past an edge
 (``common.study_grid``: when a seed-0 sweep's best is its lowest or highest lr); then seed 1, each method's seed-0
 best lr first.
@@ -35,10 +35,11 @@ from benchmarks.study.common import (
     SEEDS,
     STUDY_METHODS,
     SUITES,
+    best_lr,
     default_wd,
+    method_results,
     result_path,
     seed0_losses,
-    shared_seed_best,
     study_grid,
 )
 
@@ -90,12 +91,13 @@ def planned_runs(suite: str, int4: bool = False) -> list[dict]:
     for m, seeds in EXTRA_SEEDS.items():  # and a third seed where two did not decide it, at the two-seed best
         if m not in methods:
             continue
-        blr = shared_seed_best(SUITES[suite], m, grids[m])
+        results = method_results(SUITES[suite], m, grids[m])
+        blr = best_lr(results)  # the report's best
+        done = {(r["lr"], r["seed"]) for r in results}
         for seed in seeds:
             for lr in grids[m]:  # one run already at an lr that was the best then stays in the plan
-                done = result_path(SUITES[suite], m, lr, seed, default_wd(m, SUITES[suite])).exists()
                 r = {"method": m, "lr": lr, "seed": seed}
-                if (done or lr == (blr if blr is not None else grids[m][0])) and r not in runs:
+                if ((lr, seed) in done or lr == (blr if blr is not None else grids[m][0])) and r not in runs:
                     runs.append(r)
     add(methods, slice(0, 1))
     add(methods, slice(None))
